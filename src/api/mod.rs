@@ -1,0 +1,1 @@
+//! The control API. (Stub: filled in by the API work.)

@@ -1,0 +1,1 @@
+//! The embedded catalog (redb). (Stub: filled in by the catalog work.)

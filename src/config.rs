@@ -1,0 +1,1 @@
+//! Daemon configuration. (Stub: filled in by the daemon work.)

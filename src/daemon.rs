@@ -1,0 +1,1 @@
+//! The daemon. (Stub: filled in by the daemon work.)

@@ -1,0 +1,1 @@
+//! The NBD server. (Stub: filled in by the NBD work.)
