@@ -104,3 +104,5 @@ pub fn errno_of(err: &io::Error) -> i32 {
         _ => crate::error::ErrorKind::of_io(err).errno(),
     }
 }
+
+pub mod mem;
