@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh Debian machine: installs what the tests need (Debian
+# packages for the real NBD clients and peers), then runs every test.
+#
+#   scripts/test.sh            # everything
+#   scripts/test.sh e2e        # extra arguments go to `cargo test`
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_pkgs=()
+have() { command -v "$1" >/dev/null 2>&1; }
+have qemu-img  || need_pkgs+=(qemu-utils)
+have nbdinfo   || need_pkgs+=(libnbd-bin)
+have fio       || need_pkgs+=(fio)
+have nbdkit    || need_pkgs+=(nbdkit)
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+  echo "test.sh: installing ${need_pkgs[*]}" >&2
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get install -y --no-install-recommends "${need_pkgs[@]}" \
+    || { $SUDO apt-get update && $SUDO apt-get install -y --no-install-recommends "${need_pkgs[@]}"; }
+fi
+# fio must have its nbd engine (Debian's fio is built with libnbd).
+if ! fio --enghelp 2>/dev/null | grep -qw nbd; then
+  echo "test.sh: this fio has no nbd engine; the fio tests will fail" >&2
+fi
+
+cargo fmt --all -- --check
+cargo test --locked "$@"
