@@ -17,6 +17,7 @@
 //! - [`config`]: the daemon configuration, validated once at load.
 
 pub mod api;
+pub mod cache;
 pub mod catalog;
 pub mod config;
 pub mod daemon;
@@ -25,4 +26,5 @@ pub mod error;
 pub mod export;
 pub mod image;
 pub mod store;
+pub mod sys;
 pub mod types;

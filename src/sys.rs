@@ -1,0 +1,160 @@
+//! Thin, safe wrappers over the positioned-I/O system calls the data path needs.
+//!
+//! Every `unsafe` block of the data path lives here, each with its SAFETY argument.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+
+/// Outcome of a non-blocking positioned read.
+#[derive(Debug)]
+pub enum NoWait {
+    /// `buf` is filled.
+    Done,
+    /// The data is not in the page cache: reading would block.
+    WouldBlock,
+    /// The file system does not support `RWF_NOWAIT`.
+    Unsupported,
+}
+
+/// Fill `buf` from `file` at `offset` with `preadv2(RWF_NOWAIT)`, never blocking on disk.
+///
+/// A short read (end of file, or part of the range not cached) is reported as `WouldBlock`
+/// after the bytes read so far are discarded, except a read that hits end of file, which is
+/// `UnexpectedEof`.
+pub fn pread_nowait(file: &File, buf: &mut [u8], offset: u64) -> io::Result<NoWait> {
+    let mut done = 0usize;
+    while done < buf.len() {
+        let rest = &mut buf[done..];
+        let iov = libc::iovec {
+            iov_base: rest.as_mut_ptr().cast(),
+            iov_len: rest.len(),
+        };
+        // SAFETY: `iov` points into `rest`, a live, exclusively borrowed buffer of `iov_len`
+        // bytes; the kernel writes at most that many bytes; the fd is open for the call.
+        let n = unsafe {
+            libc::preadv2(
+                file.as_raw_fd(),
+                &iov,
+                1,
+                (offset + done as u64) as libc::off_t,
+                libc::RWF_NOWAIT,
+            )
+        };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            return match err.raw_os_error() {
+                Some(libc::EAGAIN) => Ok(NoWait::WouldBlock),
+                Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) | Some(libc::ENOSYS) => {
+                    Ok(NoWait::Unsupported)
+                }
+                Some(libc::EINTR) => continue,
+                _ => Err(err),
+            };
+        }
+        if n == 0 {
+            if done == 0 && rest.is_empty() {
+                break;
+            }
+            // End of file before the buffer is full, or nothing cached at this point.
+            return Ok(NoWait::WouldBlock);
+        }
+        done += n as usize;
+    }
+    Ok(NoWait::Done)
+}
+
+/// Fill `buf` from `file` at `offset`, blocking; a file too short is `UnexpectedEof`.
+pub fn pread_exact(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    file.read_exact_at(buf, offset)
+}
+
+/// Write all of `buf` to `file` at `offset`, blocking.
+pub fn pwrite_all(file: &File, buf: &[u8], offset: u64) -> io::Result<()> {
+    file.write_all_at(buf, offset)
+}
+
+/// Deallocate `offset .. offset+len` of `file`, keeping its size; reads of it give zeros.
+pub fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    // SAFETY: fallocate(2) on an open fd with plain integer arguments; no memory is shared.
+    let r = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Raise the soft limit of open files to the hard limit (the cache and the local store keep
+/// many files open). Returns the new soft limit.
+pub fn raise_fd_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into `lim`, a valid, exclusively borrowed struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 0;
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let want = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: setrlimit reads `want`, a valid struct; raising the soft limit up to the
+        // hard limit is always permitted.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } == 0 {
+            return want.rlim_cur;
+        }
+    }
+    lim.rlim_cur
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pread_nowait_reads_cached_data_or_says_why_not() {
+        let dir = tempfile::tempdir_in("/dev/shm").unwrap_or_else(|_| tempfile::tempdir().unwrap());
+        let p = dir.path().join("f");
+        std::fs::write(&p, vec![7u8; 8192]).unwrap();
+        let f = File::open(&p).unwrap();
+        let mut buf = vec![0u8; 4096];
+        match pread_nowait(&f, &mut buf, 4096).unwrap() {
+            NoWait::Done => assert!(buf.iter().all(|&b| b == 7)),
+            NoWait::WouldBlock | NoWait::Unsupported => {}
+        }
+        // Past the end: never Done.
+        let mut buf = vec![0u8; 10];
+        assert!(!matches!(
+            pread_nowait(&f, &mut buf, 8190).unwrap(),
+            NoWait::Done
+        ));
+    }
+
+    #[test]
+    fn punch_hole_makes_range_read_as_zeros() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        std::fs::write(&p, vec![9u8; 65536]).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&p)
+            .unwrap();
+        punch_hole(&f, 4096, 8192).unwrap();
+        let mut buf = vec![1u8; 8192];
+        pread_exact(&f, &mut buf, 4096).unwrap();
+        assert!(buf.iter().all(|&b| b == 0));
+        assert_eq!(f.metadata().unwrap().len(), 65536);
+    }
+}
