@@ -955,3 +955,84 @@ fn concurrent_writers_keep_the_tables_consistent() {
     assert_eq!(cat.chunk_ref_count(&chunk(100)).unwrap(), 10);
     cat.verify().unwrap();
 }
+
+// ---- model test ----
+
+mod model_test {
+    use std::collections::{HashMap, HashSet};
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Add(u8, Vec<u8>),
+        Delete(u8),
+        Recover(u8),
+        Expunge(u8),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0..6u8, proptest::collection::vec(0..12u8, 0..6)).prop_map(|(n, c)| Op::Add(n, c)),
+            (0..6u8).prop_map(Op::Delete),
+            (0..6u8).prop_map(Op::Recover),
+            (0..6u8).prop_map(Op::Expunge),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+
+        /// Chunk references always equal the union of the chunks of every image not expunged,
+        /// and expunge frees exactly the chunks no remaining image uses.
+        #[test]
+        fn chunk_refs_match_a_plain_model(ops in proptest::collection::vec(op(), 1..40)) {
+            let (_dir, cat) = open_temp();
+            // name slot -> (id, deleted, chunks)
+            let mut model: HashMap<u8, (ImageId, bool, HashSet<Digest>)> = HashMap::new();
+            for op in ops {
+                match op {
+                    Op::Add(n, cs) => {
+                        let digests: Vec<Digest> = cs.iter().map(|&c| chunk(c)).collect();
+                        let rec = cat.insert_importing(
+                            ImageId::random(), &format!("img{n}"), &ImageAttributes::default(), "local");
+                        if model.contains_key(&n) {
+                            prop_assert!(matches!(rec, Err(CatalogError::NameTaken(_))));
+                            continue;
+                        }
+                        let rec = rec.unwrap();
+                        cat.finish_import(rec.id, &facts(rec.id), &digests).unwrap();
+                        model.insert(n, (rec.id, false, digests.into_iter().collect()));
+                    }
+                    Op::Delete(n) => if let Some((id, deleted, _)) = model.get_mut(&n) {
+                        cat.transition(*id, Lifecycle::Delete).unwrap();
+                        *deleted = true;
+                    },
+                    Op::Recover(n) => if let Some((id, deleted, _)) = model.get_mut(&n) {
+                        let res = cat.transition(*id, Lifecycle::Recover);
+                        prop_assert_eq!(res.is_ok(), *deleted);
+                        *deleted = false;
+                    },
+                    Op::Expunge(n) => if let Some((id, deleted, chunks)) = model.get(&n).cloned() {
+                        let res = cat.expunge(id);
+                        prop_assert_eq!(res.is_ok(), deleted);
+                        if deleted {
+                            model.remove(&n);
+                            let still: HashSet<Digest> =
+                                model.values().flat_map(|(_, _, c)| c.iter().copied()).collect();
+                            let expected: HashSet<Digest> = chunks.difference(&still).copied().collect();
+                            let freed: HashSet<Digest> = res.unwrap().1.into_iter().collect();
+                            prop_assert_eq!(freed, expected);
+                        }
+                    },
+                }
+                let all: HashSet<Digest> =
+                    model.values().flat_map(|(_, _, c)| c.iter().copied()).collect();
+                prop_assert_eq!(cat.referenced_chunks().unwrap(), all);
+            }
+            cat.verify().unwrap();
+        }
+    }
+}
