@@ -352,22 +352,23 @@ impl Store for RemoteStore {
     async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, StoreError> {
         let location = self.location(key)?;
         let want = range.end.saturating_sub(range.start);
-        let result = if range.start >= range.end {
-            // HTTP cannot ask for an empty range; the bounds check below answers it.
+        // HTTP cannot ask for an empty range: such a request only needs the bounds check.
+        let refusal = if want == 0 {
             None
         } else {
             match self.inner.get_range(&location, range.clone()).await {
                 Ok(data) if data.len() as u64 == want => return Ok(data),
                 Ok(_) => None,
-                Err(e) => Some(self.error(key, e)),
+                Err(e) => match self.error(key, e) {
+                    err if matches!(err.kind(), ErrorKind::InvalidInput | ErrorKind::Io) => {
+                        Some(err)
+                    }
+                    err => return Err(err),
+                },
             }
         };
-        if let Some(err) = &result {
-            if !matches!(err.kind(), ErrorKind::InvalidInput | ErrorKind::Io) {
-                return Err(result.unwrap());
-            }
-        }
-        // An empty range, a short answer or an unclassified refusal: check the bounds.
+        // An empty range, a short answer or a refusal (416 and the like): servers differ in
+        // how they treat a range past the end, so the object's size decides.
         let size = self.head(key).await?.ok_or_else(|| StoreError::NotFound {
             key: key.to_string(),
         })?;
@@ -379,13 +380,13 @@ impl Store for RemoteStore {
                 size,
             });
         }
-        match result {
-            None if want == 0 => Ok(Bytes::new()),
+        match refusal {
             Some(err) => Err(err),
+            None if want == 0 => Ok(Bytes::new()),
             None => Err(StoreError::Remote {
                 key: key.to_string(),
                 kind: ErrorKind::Unavailable,
-                source: format!("short response: asked for {want} bytes within the object").into(),
+                source: format!("short response to a {want}-byte range inside the object").into(),
             }),
         }
     }
