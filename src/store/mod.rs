@@ -2,8 +2,11 @@
 //!
 //! [`Store`] is the minimal I/O every backend implements: ranged get, put, head, list,
 //! delete. Policy (retries, timeouts, verification, caching) lives above the backends.
-//! Backends: [`dir::DirStore`] (a local directory). HTTP and S3 come with the lazy-pulling
-//! issue.
+//! Backends: [`dir::DirStore`] (a local directory), [`object::RemoteStore`] (HTTP(S) and
+//! S3-compatible object stores), [`mem::MemStore`] (in memory, for tests). Wrappers:
+//! [`retry::RetryStore`] (timeouts, retries, concurrency limit, counters: the only place with
+//! retry policy) and [`fault::FaultStore`] (fault injection, for tests). [`spec::StoreSpec`]
+//! is the configuration of one store and [`spec::open_store`] builds it.
 //!
 //! Keys are relative, `/`-separated, made of `[A-Za-z0-9._-]` segments, never `..`: see
 //! [`validate_key`]. The object layout of an image store is documented in `docs/store-format.md`.
@@ -17,6 +20,11 @@ use bytes::Bytes;
 use crate::error::{Classify, ErrorKind};
 
 pub mod dir;
+pub mod fault;
+pub mod mem;
+pub mod object;
+pub mod retry;
+pub mod spec;
 
 /// Errors of store operations.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +46,28 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{op} is not supported by store {store}")]
+    Unsupported { store: String, op: &'static str },
+    #[error("request for object {key:?} failed")]
+    Remote {
+        key: String,
+        /// The classification decided where the failure was seen (status code, transport).
+        kind: ErrorKind,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
+    #[error("request for object {key:?} timed out after {after:?}")]
+    Timeout {
+        key: String,
+        after: std::time::Duration,
+    },
+    #[error("invalid store {store:?}: {reason}")]
+    InvalidSpec {
+        store: String,
+        reason: String,
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    },
 }
 
 impl Classify for StoreError {
@@ -51,6 +81,10 @@ impl Classify for StoreError {
                 ErrorKind::NotFound => ErrorKind::Io,
                 k => k,
             },
+            StoreError::Unsupported { .. } => ErrorKind::PermissionDenied,
+            StoreError::Remote { kind, .. } => *kind,
+            StoreError::Timeout { .. } => ErrorKind::Timeout,
+            StoreError::InvalidSpec { .. } => ErrorKind::InvalidInput,
         }
     }
 }
