@@ -385,13 +385,15 @@ mod tests {
         s.put("k", a.clone()).await.unwrap();
         let mut tasks = Vec::new();
         for i in 0..8 {
-            let s = Arc::clone(&s);
+            let writer = Arc::clone(&s);
             let data = if i % 2 == 0 { a.clone() } else { b.clone() };
-            tasks.push(tokio::spawn(async move { s.put("k", data).await.unwrap() }));
-            let s = Arc::clone(&s);
+            tasks.push(tokio::spawn(
+                async move { writer.put("k", data).await.unwrap() },
+            ));
+            let reader = Arc::clone(&s);
             let (a, b) = (a.clone(), b.clone());
             tasks.push(tokio::spawn(async move {
-                let got = s.get("k").await.unwrap();
+                let got = reader.get("k").await.unwrap();
                 assert!(got == a || got == b, "partial object seen");
             }));
         }
