@@ -325,18 +325,18 @@ fn open_source(path: &Path) -> Result<(File, u64), ImageError> {
 /// The reader stage: read `size` bytes in `chunk_size` pieces and fan each out.
 fn read_chunks(
     mut file: File,
-    path: &PathBuf,
+    path: &Path,
     size: u64,
     chunk_size: u32,
     cancel: &AtomicBool,
     outs: [SyncSender<Piece>; 3],
 ) -> Result<(), ImageError> {
     let read_err = |source| ImageError::Read {
-        path: path.clone(),
+        path: path.to_path_buf(),
         source,
     };
     let changed = |actual| ImageError::FileChanged {
-        path: path.clone(),
+        path: path.to_path_buf(),
         expected: size,
         actual,
     };

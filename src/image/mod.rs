@@ -267,3 +267,6 @@ mod tests {
         assert_eq!(parse_chunk_key(&wrong_dir), None);
     }
 }
+
+#[cfg(test)]
+mod tests_import;

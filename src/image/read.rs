@@ -58,7 +58,7 @@ pub fn raise_fd_limit() -> io::Result<u64> {
             return Err(io::Error::last_os_error());
         }
     }
-    Ok(lim.rlim_cur as u64)
+    Ok(lim.rlim_cur)
 }
 
 /// Digests are uniformly random already: hash by their first 8 bytes.
@@ -543,7 +543,7 @@ mod tests {
         };
         // SAFETY: `lim` is a valid, writable rlimit for the call.
         assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
-        assert_eq!(soft, lim.rlim_max as u64);
+        assert_eq!(soft, lim.rlim_max);
         assert_eq!(lim.rlim_cur, lim.rlim_max);
     }
 }
