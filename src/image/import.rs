@@ -20,7 +20,7 @@
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::fs::FileTypeExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
@@ -397,18 +397,10 @@ fn hash_all<H: md5::Digest>(rx: Receiver<Piece>, mut h: H) -> Vec<u8> {
     h.finalize().to_vec()
 }
 
-/// Whether every byte of `data` is zero (word-at-a-time, early exit per 4 KiB).
+/// Whether every byte of `data` is zero (vectorised OR per 4 KiB block, early exit).
 pub fn is_all_zero(data: &[u8]) -> bool {
-    let mut blocks = data.chunks_exact(4096);
-    for b in &mut blocks {
-        let acc = b.chunks_exact(8).fold(0u64, |a, w| {
-            a | u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]])
-        });
-        if acc != 0 {
-            return false;
-        }
-    }
-    blocks.remainder().iter().all(|&b| b == 0)
+    data.chunks(4096)
+        .all(|block| block.iter().fold(0u8, |acc, &b| acc | b) == 0)
 }
 
 #[cfg(test)]

@@ -87,8 +87,20 @@ const SHARDS: usize = 16;
 /// hand last passed gets a second chance). Evicted files close when the last reader using
 /// them drops its `Arc`.
 pub struct FdCache {
-    shards: [Mutex<Shard>; SHARDS],
+    shards: [CachePadded<Mutex<Shard>>; SHARDS],
     per_shard: usize,
+}
+
+/// Keeps each shard's lock on its own cache lines, so threads using different shards do
+/// not contend on the same line.
+#[repr(align(128))]
+struct CachePadded<T>(T);
+
+impl<T> std::ops::Deref for CachePadded<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
 }
 
 #[derive(Default)]
@@ -108,7 +120,7 @@ impl FdCache {
     /// A cache holding up to about `capacity` open files (at least one per shard).
     pub fn new(capacity: usize) -> FdCache {
         FdCache {
-            shards: std::array::from_fn(|_| Mutex::new(Shard::default())),
+            shards: std::array::from_fn(|_| CachePadded(Mutex::new(Shard::default()))),
             per_shard: capacity.div_ceil(SHARDS).max(1),
         }
     }
