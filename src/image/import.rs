@@ -17,6 +17,7 @@
 //! Empty files are rejected ([`ImageError::EmptyFile`]): a zero-byte disk is never what the
 //! user meant and NBD clients handle it badly.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::fs::FileTypeExt;
@@ -27,7 +28,6 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use md5::Digest as _;
-use tokio::task::JoinSet;
 
 use super::ledger::LedgerGuard;
 use super::manifest::{valid_chunk_size, Manifest};
@@ -50,8 +50,9 @@ const STAGE_DEPTH: usize = 4;
 /// mismatch, cancel) it deletes the chunks and manifest it created that neither the
 /// catalog (`is_referenced`) nor another in-flight import uses, and returns the error.
 ///
-/// If the returned future is dropped before completion, no cleanup runs: the chunks it
-/// wrote stay behind as orphans for [`super::sweep_orphans`] at the next start-up.
+/// If the returned future is dropped before completion, the same cleanup runs on a spawned
+/// task (after the chunk writes still in flight have finished). Should the process die
+/// first, the start-up sweep ([`super::sweep_orphans`]) removes the leftovers.
 pub async fn import_file(
     store: Arc<dyn Store>,
     ledger: Arc<ChunkLedger>,
@@ -65,13 +66,25 @@ pub async fn import_file(
             chunk_size: opts.chunk_size,
         });
     }
-    let mut state = ImportState {
-        store,
-        guard: ledger.guard(),
-        created: Vec::new(),
-        manifest_key: manifest_key(id),
+    let mut armed = CleanupOnDrop {
+        state: Some(ImportState {
+            store,
+            guard: ledger.guard(),
+            created: Vec::new(),
+            puts: VecDeque::new(),
+            manifest_key: manifest_key(id),
+        }),
+        ledger: Arc::clone(&ledger),
+        is_referenced: Arc::clone(&is_referenced),
     };
-    match run(&mut state, path, &opts).await {
+    let result = match armed.state.as_mut() {
+        Some(state) => run(state, path, &opts).await,
+        None => unreachable!("state is set above"),
+    };
+    let Some(mut state) = armed.state.take() else {
+        unreachable!("state is taken only here or on drop")
+    };
+    match result {
         Ok(imported) => Ok((imported, state.guard)),
         Err(err) => {
             if let Err(cleanup_err) = cleanup(&mut state, &ledger, &is_referenced).await {
@@ -86,12 +99,65 @@ pub async fn import_file(
     }
 }
 
+type PutTask = tokio::task::JoinHandle<Result<(), StoreError>>;
+
 struct ImportState {
     store: Arc<dyn Store>,
     guard: LedgerGuard,
     /// Chunks this import found missing and wrote (possibly partially, on failure).
     created: Vec<Digest>,
+    /// Chunk writes in flight, oldest first. Detached tasks (not aborted on drop), so
+    /// cleanup can wait for them before deleting what they write.
+    puts: VecDeque<PutTask>,
     manifest_key: String,
+}
+
+impl ImportState {
+    /// Wait for the oldest in-flight chunk write.
+    async fn finish_oldest_put(&mut self) -> Result<(), ImageError> {
+        match self.puts.pop_front() {
+            None => Ok(()),
+            Some(h) => match h.await {
+                Ok(r) => r.map_err(ImageError::from),
+                Err(e) => Err(ImageError::Internal(format!(
+                    "chunk write task failed: {e}"
+                ))),
+            },
+        }
+    }
+}
+
+/// Runs [`cleanup`] on a spawned task if the import future is dropped mid-way.
+struct CleanupOnDrop {
+    state: Option<ImportState>,
+    ledger: Arc<ChunkLedger>,
+    is_referenced: IsReferenced,
+}
+
+impl Drop for CleanupOnDrop {
+    fn drop(&mut self) {
+        let Some(mut state) = self.state.take() else {
+            return;
+        };
+        let (ledger, is_referenced) = (Arc::clone(&self.ledger), Arc::clone(&self.is_referenced));
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move {
+                    if let Err(e) = cleanup(&mut state, &ledger, &is_referenced).await {
+                        tracing::warn!(
+                            error = &e as &dyn std::error::Error,
+                            manifest = %state.manifest_key,
+                            "cleanup after abandoned import failed; the start-up sweep removes the leftovers"
+                        );
+                    }
+                });
+            }
+            Err(_) => tracing::warn!(
+                manifest = %state.manifest_key,
+                "import abandoned outside a runtime; the start-up sweep removes its chunks"
+            ),
+        }
+    }
 }
 
 /// Delete what a failed import created, under the ledger lock, one chunk at a time.
@@ -100,6 +166,10 @@ async fn cleanup(
     ledger: &ChunkLedger,
     is_referenced: &IsReferenced,
 ) -> Result<(), StoreError> {
+    // Let in-flight writes land first, or they could recreate a chunk after its delete.
+    while let Some(h) = state.puts.pop_front() {
+        let _ = h.await;
+    }
     state.store.delete(&state.manifest_key).await?;
     for d in std::mem::take(&mut state.created) {
         let lock = ledger.lock_for_delete().await;
@@ -161,7 +231,6 @@ async fn run(
     });
 
     let mut manifest = Manifest::new_holes(size, chunk_size);
-    let mut puts: JoinSet<Result<(), StoreError>> = JoinSet::new();
     let mut index = 0u64;
     let mut done = 0u64;
     let mut chunks_hole = 0u64;
@@ -189,11 +258,13 @@ async fn run(
                         let key = chunk_key(&d);
                         if state.store.head(&key).await?.is_none() {
                             state.created.push(d);
-                            while puts.len() >= PUTS_IN_FLIGHT {
-                                join_put(puts.join_next().await)?;
+                            while state.puts.len() >= PUTS_IN_FLIGHT {
+                                state.finish_oldest_put().await?;
                             }
                             let store = Arc::clone(&state.store);
-                            puts.spawn(async move { store.put(&key, h.data).await });
+                            state.puts.push_back(tokio::spawn(async move {
+                                store.put(&key, h.data).await
+                            }));
                         }
                     }
                 }
@@ -204,17 +275,14 @@ async fn run(
                 progress(done, size);
             }
         }
-        while let Some(r) = puts.join_next().await {
-            join_put(Some(r))?;
+        while !state.puts.is_empty() {
+            state.finish_oldest_put().await?;
         }
         Ok(())
     }
     .await;
     // Stop the pipeline (if we failed early) and collect every stage before deciding.
     drop(out_rx);
-    if consume.is_err() {
-        while puts.join_next().await.is_some() {}
-    }
     let read_result = join(reader).await;
     let _ = join(b3_task).await;
     let md5 = hex::encode(join(md5_task).await?);
@@ -259,18 +327,6 @@ async fn run(
         chunks_new: state.created.len() as u64,
         digests,
     })
-}
-
-fn join_put(
-    r: Option<Result<Result<(), StoreError>, tokio::task::JoinError>>,
-) -> Result<(), ImageError> {
-    match r {
-        None => Ok(()),
-        Some(Ok(r)) => r.map_err(ImageError::from),
-        Some(Err(e)) => Err(ImageError::Internal(format!(
-            "chunk write task failed: {e}"
-        ))),
-    }
 }
 
 async fn join<T>(h: tokio::task::JoinHandle<T>) -> Result<T, ImageError> {

@@ -733,3 +733,43 @@ fn failing_store_put_cleans_up_and_reports() {
         assert!(store.list("").await.unwrap().is_empty());
     });
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_import_is_cleaned_up() {
+    let env = Arc::new(Env::new());
+    let shared = env.import_bytes(&patterned(&[1], 0)).await;
+    let p = env.write_file(
+        "big.img",
+        &patterned(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], 0),
+    );
+    let mut opts = ImportOptions::new(CS);
+    let started = Arc::new(tokio::sync::Notify::new());
+    let s2 = Arc::clone(&started);
+    opts.progress = Some(Arc::new(move |done, _| {
+        if done == 4 * CS as u64 {
+            s2.notify_one();
+            // Hold the import here so the abort lands mid-way.
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }));
+    let env2 = Arc::clone(&env);
+    let task = tokio::spawn(async move { env2.import(&p, opts).await });
+    started.notified().await;
+    task.abort();
+    let _ = task.await;
+    let want = vec![chunk_key(&shared.digests[0])];
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while env.chunk_keys().await != want {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:?}",
+            env.chunk_keys().await
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(env.manifest_keys().await, vec![shared.manifest_key.clone()]);
+    // Stays clean: no late write re-creates a chunk.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert_eq!(env.chunk_keys().await, want);
+    assert_eq!(env.ledger.holders(&Digest::of(&patterned(&[2], 0))), 0);
+}
