@@ -389,8 +389,10 @@ impl Inner {
             .store
             .local_path(&key)
             .ok_or_else(|| io::Error::other("store has no local path"))?;
-        let file = File::open(&path).inspect_err(|e| {
-            tracing::error!(chunk = %key, error = e as &dyn std::error::Error, "cannot open chunk");
+        // A missing or unreadable chunk is an I/O error of the device, not ENOENT.
+        let file = File::open(&path).map_err(|e| {
+            tracing::error!(chunk = %key, error = &e as &dyn std::error::Error, "cannot open chunk");
+            errno_error(libc::EIO)
         })?;
         let size = file.metadata()?.len();
         let expected = self.manifest.chunk_len(index);

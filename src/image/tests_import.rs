@@ -773,3 +773,18 @@ async fn abandoned_import_is_cleaned_up() {
     assert_eq!(env.chunk_keys().await, want);
     assert_eq!(env.ledger.holders(&Digest::of(&patterned(&[2], 0))), 0);
 }
+
+#[tokio::test]
+async fn missing_chunk_reads_as_eio() {
+    let env = Env::new();
+    let imp = env.import_bytes(&patterned(&[1, 2], 0)).await;
+    env.store.delete(&chunk_key(&imp.digests[0])).await.unwrap();
+    env.store.delete(&chunk_key(&imp.digests[1])).await.unwrap();
+    let img = Image::open(Arc::clone(&env.store), &imp.manifest_key)
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 16];
+    let e = img.read(0, &mut buf).await.unwrap_err();
+    assert_eq!(errno_of(&e), libc::EIO);
+    assert!(img.try_read_nowait(0, &mut buf).is_none());
+}
