@@ -16,6 +16,8 @@ use bytes::Bytes;
 
 use crate::error::{Classify, ErrorKind};
 
+#[cfg(test)]
+pub(crate) mod conformance;
 pub mod dir;
 
 /// Errors of store operations.
