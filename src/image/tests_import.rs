@@ -788,3 +788,35 @@ async fn missing_chunk_reads_as_eio() {
     assert_eq!(errno_of(&e), libc::EIO);
     assert!(img.try_read_nowait(0, &mut buf).is_none());
 }
+
+#[tokio::test]
+async fn nowait_path_works_on_disk_file_systems() {
+    // /tmp is usually a disk file system (RWF_NOWAIT supported), unlike tmpfs.
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(DirStore::open(dir.path().join("s")).unwrap());
+    let data = patterned(&[1, 0, 2, 3], 77);
+    let p = dir.path().join("x.img");
+    std::fs::write(&p, &data).unwrap();
+    let (imp, _g) = import_file(
+        Arc::clone(&store),
+        Arc::new(ChunkLedger::new()),
+        Arc::new(|_| false),
+        ImageId::random(),
+        &p,
+        ImportOptions::new(CS),
+    )
+    .await
+    .unwrap();
+    let img = Image::open(store, &imp.manifest_key).await.unwrap();
+    assert_eq!(read_all(&img).await, data);
+    // Just written and read: in page cache, so the hot path serves it (or reports the file
+    // system cannot do non-blocking reads).
+    let mut buf = vec![0u8; 2 * CSU];
+    match img.try_read_nowait(CS as u64 + 3, &mut buf) {
+        Some(r) => {
+            r.unwrap();
+            assert_eq!(buf, &data[CSU + 3..3 * CSU + 3]);
+        }
+        None => assert!(!img.has_nowait_path()),
+    }
+}
