@@ -2,7 +2,7 @@
 //!
 //! `cargo run --release --example read_bench [SIZE_MIB] [SECONDS]`
 //!
-//! Creates a SIZE_MIB (default 1024) random file in /dev/shm, imports it with 1 MiB chunks,
+//! Creates a SIZE_MIB (default 1024) random file in /dev/shm (or `$BENCH_DIR`), imports it with 1 MiB chunks,
 //! then measures `try_read_nowait` 4 KiB random reads (1 and 2 threads) and 1 MiB
 //! sequential reads, and the blocking `read` path for comparison.
 
