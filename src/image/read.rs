@@ -6,10 +6,12 @@
 //! **Hot path** ([`BlockDevice::try_read_nowait`]), for stores with a local directory: the
 //! chunk's file comes from an [`FdCache`] (digest → open `File`), and the bytes are read
 //! with `preadv2(RWF_NOWAIT)`, which fails with `EAGAIN` instead of waiting for the disk.
-//! No allocation, no catalog, no async. On a cache miss it returns `None` rather than
-//! opening the file inline (an `open` walks directories and may block on a cold disk); the
-//! blocking [`BlockDevice::read`] that the caller falls back to opens the file and fills
-//! the cache, so the next read of that chunk takes the hot path.
+//! No allocation, no catalog, no async on a cache hit. On a cache miss it opens the chunk
+//! file inline with `openat2(RESOLVE_CACHED)`, which succeeds only if the path lookup can
+//! be done from the dentry cache and fails with `EAGAIN` instead of reading directories
+//! from disk; then it returns `None` and the blocking [`BlockDevice::read`] that the caller
+//! falls back to opens the file and fills the cache. (Kernels without `openat2` or
+//! `RESOLVE_CACHED`, before 5.12, always take that fallback on a miss.)
 //!
 //! Some file systems reject `RWF_NOWAIT` with `EOPNOTSUPP` — notably tmpfs. tmpfs data is
 //! always in memory, so on tmpfs/ramfs (detected once with `statfs` at open) the hot path
@@ -26,7 +28,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
@@ -201,6 +203,8 @@ struct Inner {
     fds: Arc<FdCache>,
     /// MODE_*: what `try_read_nowait` does.
     mode: AtomicU8,
+    /// Whether `openat2(RESOLVE_CACHED)` works here (cleared on ENOSYS/EINVAL).
+    cached_open: AtomicBool,
 }
 
 impl Image {
@@ -237,6 +241,7 @@ impl Image {
                 local: local_dir.is_some(),
                 fds,
                 mode: AtomicU8::new(mode),
+                cached_open: AtomicBool::new(true),
             }),
         }))
     }
@@ -274,6 +279,49 @@ fn is_memory_fs(path: &Path) -> bool {
     #[allow(clippy::unnecessary_cast)]
     let t = st.f_type as i64;
     t == TMPFS_MAGIC || t == RAMFS_MAGIC
+}
+
+/// Outcome of a non-blocking open.
+enum OpenCached {
+    Opened(File),
+    WouldBlock,
+    Unsupported,
+}
+
+/// Open `path` read-only if its lookup needs no disk I/O (`openat2` with `RESOLVE_CACHED`).
+fn open_cached(path: &Path) -> OpenCached {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return OpenCached::WouldBlock;
+    };
+    // SAFETY: open_how is a plain C struct of integers; all-zero is a valid value.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (libc::O_RDONLY | libc::O_CLOEXEC) as u64;
+    how.resolve = libc::RESOLVE_CACHED;
+    // SAFETY: openat2 reads the NUL-terminated path `c` and `size_of::<open_how>()` bytes of
+    // `how`; both outlive the call. It returns a new fd or -1.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd < 0 {
+        return match io::Error::last_os_error().raw_os_error() {
+            Some(libc::ENOSYS) | Some(libc::EINVAL) | Some(libc::E2BIG) => OpenCached::Unsupported,
+            // EAGAIN (lookup needs I/O) or a real error: the blocking path retries and reports.
+            _ => OpenCached::WouldBlock,
+        };
+    }
+    let Ok(fd) = i32::try_from(fd) else {
+        return OpenCached::WouldBlock;
+    };
+    // SAFETY: `fd` was just returned by openat2, is open, and nothing else owns it.
+    OpenCached::Opened(unsafe { File::from_raw_fd(fd) })
 }
 
 /// Outcome of one non-blocking positional read.
@@ -365,7 +413,10 @@ impl Inner {
                 piece.fill(0);
                 continue;
             };
-            let file = self.fds.get(digest)?;
+            let file = match self.fds.get(digest) {
+                Some(f) => f,
+                None => self.open_nowait(index, digest)?,
+            };
             match pread_nowait(&file, piece, within, mode == MODE_PLAIN) {
                 Nowait::Done => {}
                 Nowait::WouldBlock => return None,
@@ -377,6 +428,28 @@ impl Inner {
             }
         }
         Some(Ok(()))
+    }
+
+    /// Open and cache data chunk `index` without blocking, or `None`.
+    #[cold]
+    fn open_nowait(&self, index: u64, digest: &Digest) -> Option<Arc<File>> {
+        if !self.cached_open.load(Ordering::Relaxed) {
+            return None;
+        }
+        let path = self.store.local_path(&chunk_key(digest))?;
+        let file = match open_cached(&path) {
+            OpenCached::Opened(f) => f,
+            OpenCached::WouldBlock => return None,
+            OpenCached::Unsupported => {
+                self.cached_open.store(false, Ordering::Relaxed);
+                return None;
+            }
+        };
+        // fstat does no I/O. A wrong size is reported by the blocking path.
+        if file.metadata().ok()?.len() != self.manifest.chunk_len(index) {
+            return None;
+        }
+        Some(self.fds.insert(*digest, Arc::new(file)))
     }
 
     /// The open file of data chunk `index`, opening and caching it if needed (blocking).
