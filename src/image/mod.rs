@@ -1,35 +1,86 @@
 //! Images: manifests, importing files into a store, the read-only image device.
 //!
-//! SIGNATURE STUBS: the store/image work replaces the bodies; the signatures are the
-//! contract the daemon is written against. Keep them (extend, do not break).
+//! - [`manifest`]: the binary manifest format ([`Manifest::encode`] / [`Manifest::decode`]).
+//! - [`import`]: [`import_file`], raw file → chunks + manifest in a store, with dedup.
+//! - [`ledger`]: [`ChunkLedger`], in-flight chunk references that make dedup race-free.
+//! - [`gc`]: [`delete_unreferenced`] (expunge) and [`sweep_orphans`] (start-up).
+//! - [`read`]: [`Image`], the read-only [`crate::device::BlockDevice`] over a manifest.
+//!
+//! Object layout in a store (byte layouts in `docs/store-format.md`):
+//! chunks at `chunks/<first 2 hex>/<64 hex of blake3>` ([`chunk_key`]), manifests at
+//! `manifests/<image uuid>` ([`manifest_key`]). Chunks are immutable and content-addressed;
+//! all-zero chunks are never stored (they are holes in the manifest).
 
-use std::collections::HashSet;
-use std::io;
-use std::path::Path;
+use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use futures::future::BoxFuture;
-
-use crate::device::{BlockDevice, Extent};
 use crate::error::{Classify, ErrorKind};
-use crate::store::Store;
+use crate::store::StoreError;
 use crate::types::{Digest, ImageId};
 
+pub mod gc;
+pub mod import;
 pub mod ledger;
+pub mod manifest;
+pub mod read;
 
-pub use ledger::ChunkLedger;
+pub use gc::{delete_unreferenced, sweep_orphans};
+pub use import::import_file;
+pub use ledger::{ChunkLedger, LedgerGuard};
+pub use manifest::{Manifest, ManifestError};
+pub use read::{raise_fd_limit, FdCache, Image};
 
 /// Errors of image operations.
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
-    #[error("not implemented yet")]
-    Unimplemented,
+    #[error("invalid chunk size {chunk_size}: use a power of two between 64K and 16M (e.g. 1M)")]
+    InvalidChunkSize { chunk_size: u32 },
+    #[error("cannot import {path:?}: it is {what}, not a regular file or block device")]
+    NotAFile { path: PathBuf, what: &'static str },
+    #[error("cannot import {path:?}: it is empty (an image needs at least one byte)")]
+    EmptyFile { path: PathBuf },
+    #[error("cannot read {path:?}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path:?} changed size during import (expected {expected} bytes, read {actual})")]
+    FileChanged {
+        path: PathBuf,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("checksum mismatch: expected {expected}, got {actual}")]
+    ChecksumMismatch { expected: String, actual: String },
+    #[error("import cancelled")]
+    Cancelled,
+    #[error("store operation failed")]
+    Store(#[from] StoreError),
+    #[error("invalid manifest {key:?}")]
+    Manifest {
+        key: String,
+        #[source]
+        source: ManifestError,
+    },
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl Classify for ImageError {
     fn kind(&self) -> ErrorKind {
-        ErrorKind::Internal
+        match self {
+            ImageError::InvalidChunkSize { .. }
+            | ImageError::NotAFile { .. }
+            | ImageError::EmptyFile { .. }
+            | ImageError::ChecksumMismatch { .. } => ErrorKind::InvalidInput,
+            ImageError::Read { source, .. } => ErrorKind::of_io(source),
+            ImageError::FileChanged { .. } | ImageError::Cancelled => ErrorKind::Conflict,
+            ImageError::Store(e) => e.kind(),
+            ImageError::Manifest { .. } => ErrorKind::Corrupt,
+            ImageError::Internal(_) => ErrorKind::Internal,
+        }
     }
 }
 
@@ -40,10 +91,42 @@ pub enum Checksum {
     Sha256([u8; 32]),
 }
 
+impl std::fmt::Display for Checksum {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Checksum::Md5(b) => write!(f, "md5:{}", hex::encode(b)),
+            Checksum::Sha256(b) => write!(f, "sha256:{}", hex::encode(b)),
+        }
+    }
+}
+
 impl std::str::FromStr for Checksum {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Err(format!("checksum parsing not implemented: {s}"))
+        let usage = "expected md5:<32 hex digits> or sha256:<64 hex digits>";
+        let Some((algo, hex_part)) = s.trim().split_once(':') else {
+            return Err(format!("invalid checksum {s:?}: {usage}"));
+        };
+        fn parse<const N: usize>(s: &str, hex_part: &str, algo: &str) -> Result<[u8; N], String> {
+            if hex_part.len() != 2 * N {
+                return Err(format!(
+                    "invalid {algo} checksum {s:?}: expected {} hex digits, got {}",
+                    2 * N,
+                    hex_part.len()
+                ));
+            }
+            let mut out = [0u8; N];
+            hex::decode_to_slice(hex_part, &mut out)
+                .map_err(|_| format!("invalid {algo} checksum {s:?}: not hexadecimal"))?;
+            Ok(out)
+        }
+        match algo.to_ascii_lowercase().as_str() {
+            "md5" => parse::<16>(s, hex_part, "md5").map(Checksum::Md5),
+            "sha256" => parse::<32>(s, hex_part, "sha256").map(Checksum::Sha256),
+            other => Err(format!(
+                "invalid checksum {s:?}: unknown algorithm {other:?}; {usage}"
+            )),
+        }
     }
 }
 
@@ -64,6 +147,18 @@ pub struct ImportOptions {
     pub progress: Option<Progress>,
     /// Set to true to cancel; the import then fails and cleans up.
     pub cancel: Arc<AtomicBool>,
+}
+
+impl ImportOptions {
+    /// Options with `chunk_size` and nothing else set.
+    pub fn new(chunk_size: u32) -> ImportOptions {
+        ImportOptions {
+            chunk_size,
+            expected: None,
+            progress: None,
+            cancel: Arc::new(AtomicBool::new(false)),
+        }
+    }
 }
 
 /// What an import produced. Nothing of it is committed to the catalog yet.
@@ -87,74 +182,91 @@ pub struct Imported {
     pub chunks_new: u64,
 }
 
-/// Import the raw file at `path` into `store` as image `id`.
-///
-/// Holds `ledger` references on every chunk it uses until the returned guard is dropped;
-/// the caller drops it after committing the catalog row. On any failure (I/O, checksum
-/// mismatch, cancel) it deletes the chunks and manifest it created that neither the
-/// catalog (`is_referenced`) nor another in-flight import uses, and returns the error.
-pub async fn import_file(
-    store: Arc<dyn Store>,
-    ledger: Arc<ChunkLedger>,
-    is_referenced: IsReferenced,
-    id: ImageId,
-    path: &Path,
-    opts: ImportOptions,
-) -> Result<(Imported, ledger::LedgerGuard), ImageError> {
-    let _ = (store, ledger, is_referenced, id, path, opts);
-    Err(ImageError::Unimplemented)
+/// The store key of the chunk with digest `d`: `chunks/<first 2 hex>/<64 hex>`.
+pub fn chunk_key(d: &Digest) -> String {
+    let h = d.to_hex();
+    format!("chunks/{}/{}", &h[..2], h)
 }
 
-/// Delete `digests` (chunks of an expunged image) and `manifest_key` from `store`, except
-/// chunks the catalog still references or an in-flight import holds. Returns how many
-/// chunks were deleted.
-pub async fn delete_unreferenced(
-    store: Arc<dyn Store>,
-    ledger: Arc<ChunkLedger>,
-    is_referenced: IsReferenced,
-    manifest_key: &str,
-    digests: &[Digest],
-) -> Result<u64, ImageError> {
-    let _ = (store, ledger, is_referenced, manifest_key, digests);
-    Err(ImageError::Unimplemented)
+/// The digest a well-formed chunk key names, or `None`.
+pub fn parse_chunk_key(key: &str) -> Option<Digest> {
+    let rest = key.strip_prefix("chunks/")?;
+    let (dir, name) = rest.split_once('/')?;
+    if name.len() != 64
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        return None;
+    }
+    let d = Digest::from_hex(name)?;
+    (dir == &name[..2]).then_some(d)
 }
 
-/// Start-up sweep: delete every chunk and manifest in `store` that is not in the given
-/// sets (left behind by a crash mid-import or mid-expunge). Returns (chunks, manifests)
-/// deleted.
-pub async fn sweep_orphans(
-    store: Arc<dyn Store>,
-    referenced_chunks: &HashSet<Digest>,
-    referenced_manifests: &HashSet<String>,
-) -> Result<(u64, u64), ImageError> {
-    let _ = (store, referenced_chunks, referenced_manifests);
-    Err(ImageError::Unimplemented)
+/// The store key of image `id`'s manifest: `manifests/<uuid>`.
+pub fn manifest_key(id: ImageId) -> String {
+    format!("manifests/{id}")
 }
 
-/// A read-only image: a manifest over chunks in a store.
-pub struct Image {
-    _private: (),
-}
+#[cfg(test)]
+pub(crate) mod testutil {
+    use std::path::PathBuf;
 
-impl Image {
-    /// Load the manifest `manifest_key` from `store` and open the image for reading.
-    pub async fn open(store: Arc<dyn Store>, manifest_key: &str) -> Result<Arc<Image>, ImageError> {
-        let _ = (store, manifest_key);
-        Err(ImageError::Unimplemented)
+    /// A temp dir on tmpfs when available (fast), else the system temp dir.
+    pub fn tempdir() -> tempfile::TempDir {
+        let shm = std::path::Path::new("/dev/shm");
+        let base: PathBuf = if shm.is_dir() {
+            shm.to_path_buf()
+        } else {
+            std::env::temp_dir()
+        };
+        tempfile::Builder::new()
+            .prefix("imgcache-test-")
+            .tempdir_in(base)
+            .unwrap()
     }
 }
 
-impl BlockDevice for Image {
-    fn size(&self) -> u64 {
-        0
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checksum_parses_md5_and_sha256() {
+        let m: Checksum = "md5:d41d8cd98f00b204e9800998ecf8427e".parse().unwrap();
+        assert_eq!(m.to_string(), "md5:d41d8cd98f00b204e9800998ecf8427e");
+        let s: Checksum = format!("SHA256:{}", "AB".repeat(32)).parse().unwrap();
+        assert_eq!(s, Checksum::Sha256([0xab; 32]));
     }
-    fn try_read_nowait(&self, _offset: u64, _buf: &mut [u8]) -> Option<io::Result<()>> {
-        None
+
+    #[test]
+    fn checksum_rejects_bad_input_with_clear_errors() {
+        let e = "md5:abc".parse::<Checksum>().unwrap_err();
+        assert!(e.contains("32 hex digits"), "{e}");
+        let e = format!("sha256:{}", "zz".repeat(32))
+            .parse::<Checksum>()
+            .unwrap_err();
+        assert!(e.contains("not hexadecimal"), "{e}");
+        let e = "crc32:0000".parse::<Checksum>().unwrap_err();
+        assert!(e.contains("unknown algorithm"), "{e}");
+        let e = "d41d8cd98f00b204e9800998ecf8427e"
+            .parse::<Checksum>()
+            .unwrap_err();
+        assert!(e.contains("md5:"), "{e}");
     }
-    fn read<'a>(&'a self, _offset: u64, _buf: &'a mut [u8]) -> BoxFuture<'a, io::Result<()>> {
-        Box::pin(async { Err(crate::device::errno_error(libc::EIO)) })
-    }
-    fn extents(&self, _offset: u64, _len: u64, _max: usize) -> Vec<Extent> {
-        Vec::new()
+
+    #[test]
+    fn chunk_key_round_trips() {
+        let d = Digest::of(b"x");
+        let k = chunk_key(&d);
+        assert_eq!(k.len(), "chunks/".len() + 3 + 64);
+        crate::store::validate_key(&k).unwrap();
+        assert_eq!(parse_chunk_key(&k), Some(d));
+        assert_eq!(parse_chunk_key("chunks/00/abc"), None);
+        let wrong_dir = format!("chunks/zz/{}", d.to_hex());
+        assert_eq!(parse_chunk_key(&wrong_dir), None);
     }
 }
+
+#[cfg(test)]
+mod tests_import;

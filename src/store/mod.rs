@@ -19,6 +19,8 @@ use bytes::Bytes;
 
 use crate::error::{Classify, ErrorKind};
 
+#[cfg(test)]
+pub(crate) mod conformance;
 pub mod dir;
 pub mod fault;
 pub mod mem;
