@@ -179,12 +179,14 @@ async fn image_action(
         "enable" => Lifecycle::Enable,
         "delete" => Lifecycle::Delete,
         "recover" => Lifecycle::Recover,
-        other => return Err(Failure::new(
-            ErrorKind::NotFound,
-            format!(
+        other => {
+            return Err(Failure::new(
+                ErrorKind::NotFound,
+                format!(
                 "unknown image action {other:?}: use disable, enable, delete, recover or expunge"
             ),
-        )),
+            ))
+        }
     };
     Ok(Json(d.lifecycle(&key, action).await?))
 }
