@@ -66,6 +66,13 @@ pub enum DaemonError {
         pid: Option<u32>,
         state_dir: PathBuf,
     },
+    /// A start-up step failed.
+    #[error("{context}")]
+    Startup {
+        context: String,
+        #[source]
+        source: Box<DaemonError>,
+    },
     #[error("the daemon is shutting down")]
     ShuttingDown,
     #[error("internal error: {0}")]
@@ -81,6 +88,7 @@ impl Classify for DaemonError {
             DaemonError::InvalidInput(_) => ErrorKind::InvalidInput,
             DaemonError::Io { source, .. } => ErrorKind::of_io(source),
             DaemonError::AlreadyRunning { .. } => ErrorKind::Conflict,
+            DaemonError::Startup { source, .. } => source.kind(),
             DaemonError::ShuttingDown => ErrorKind::Unavailable,
             DaemonError::Internal(_) => ErrorKind::Internal,
         }
@@ -140,9 +148,14 @@ impl Daemon {
     /// recovery. The caller holds the state lock.
     pub async fn open(config: &Config) -> Result<Arc<Daemon>, DaemonError> {
         let catalog_path = config.catalog_path();
+        let context = format!("cannot open the catalog {}", catalog_path.display());
         let catalog = tokio::task::spawn_blocking(move || Catalog::open(&catalog_path))
             .await
-            .map_err(|e| DaemonError::Internal(e.to_string()))??;
+            .map_err(|e| DaemonError::Internal(e.to_string()))?
+            .map_err(|e| DaemonError::Startup {
+                context,
+                source: Box::new(e.into()),
+            })?;
         let store_dir = config.store_dir();
         let store = DirStore::open(store_dir.clone()).map_err(|source| DaemonError::Io {
             context: format!("cannot open the local store at {}", store_dir.display()),
@@ -152,7 +165,10 @@ impl Daemon {
             DaemonError::Internal("the local directory store is not implemented yet".into())
         })?;
         let daemon = Arc::new(Daemon::new(catalog, store, config.default_chunk_size));
-        let r = daemon.recover().await?;
+        let r = daemon.recover().await.map_err(|e| DaemonError::Startup {
+            context: "start-up recovery failed".into(),
+            source: Box::new(e),
+        })?;
         if r != Recovery::default() {
             tracing::info!(
                 interrupted_imports = r.interrupted_imports,
@@ -339,11 +355,13 @@ impl Daemon {
             manifest_key: imported.manifest_key.clone(),
         };
         let digests = imported.digests.clone();
-        let committed = self
-            .catalog_call(move |c| c.finish_import(id, &facts, &digests))
-            .await;
-        // The catalog references the chunks now (or never will): the ledger may let go.
-        drop(guard);
+        let committed = {
+            // Released at the end of this block: the catalog references the chunks now (or
+            // never will), so the ledger may let go.
+            let _guard = guard;
+            self.catalog_call(move |c| c.finish_import(id, &facts, &digests))
+                .await
+        };
         match committed {
             Ok(row) => {
                 tracing::info!(image = %row.name, id = %row.id, size = row.virtual_size,
