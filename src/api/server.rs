@@ -103,7 +103,13 @@ impl From<DaemonError> for Failure {
 
 impl From<JsonRejection> for Failure {
     fn from(r: JsonRejection) -> Failure {
-        Failure::rejection(r.status(), r.body_text())
+        // axum answers 422 for well-formed JSON of the wrong shape (unknown or missing
+        // fields); to the API that is bad input like any other: 400.
+        let status = match r.status() {
+            StatusCode::UNPROCESSABLE_ENTITY => StatusCode::BAD_REQUEST,
+            s => s,
+        };
+        Failure::rejection(status, r.body_text())
     }
 }
 
