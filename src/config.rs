@@ -1,1 +1,507 @@
-//! Daemon configuration. (Stub: filled in by the daemon work.)
+//! Daemon configuration: the TOML file, command-line overrides, built-in defaults.
+//!
+//! [`FileConfig`] is the file as written (every key optional, unknown keys rejected);
+//! [`Overrides`] are the `imgcache serve` flags; [`Config::resolve`] merges them (flags win
+//! over the file, the file over the defaults) and validates everything once, so the rest of
+//! the daemon only ever sees a [`Config`] whose addresses parse and whose chunk size is legal.
+//!
+//! Defaults: the state directory is `/var/lib/imgcache` for root, otherwise
+//! `$XDG_STATE_HOME/imgcache` or `~/.local/state/imgcache`; it holds `catalog.redb`,
+//! `store/`, `control.sock`, `nbd.sock` and `lock`. NBD over TCP listens on
+//! `127.0.0.1:10809` unless set to `off`.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Deserializer};
+
+use crate::error::{Classify, ErrorKind};
+use crate::types::{format_size, parse_size, DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
+
+/// The default NBD TCP listen address (the IANA NBD port, loopback only).
+pub const DEFAULT_NBD_TCP: &str = "127.0.0.1:10809";
+/// The default log filter.
+pub const DEFAULT_LOG_LEVEL: &str = "info";
+
+/// `sun_path` holds 108 bytes including the terminating NUL.
+const MAX_SOCKET_PATH: usize = 107;
+
+/// Errors of loading or validating the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// `message` is toml's own (it names unknown keys and lists the valid ones).
+    #[error("config file {}{}: {message}", path.display(), location.as_deref().unwrap_or(""))]
+    Parse {
+        path: PathBuf,
+        /// `:LINE:COLUMN`, when known.
+        location: Option<String>,
+        message: String,
+    },
+    #[error("invalid {key} {value:?}: {reason}")]
+    Invalid {
+        key: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error("cannot determine the default state directory: HOME is not set (use --state-dir)")]
+    NoHome,
+}
+
+impl Classify for ConfigError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            ConfigError::Read { source, .. } => ErrorKind::of_io(source),
+            _ => ErrorKind::InvalidInput,
+        }
+    }
+}
+
+/// The configuration file as written. Every key is optional.
+///
+/// ```toml
+/// state-dir = "/var/lib/imgcache"
+/// nbd-tcp = "127.0.0.1:10809"   # or "off"
+/// nbd-socket = "/run/imgcache/nbd.sock"
+/// control-socket = "/run/imgcache/control.sock"
+/// log-level = "info"            # or a tracing filter such as "imgcache=debug"
+/// default-chunk-size = "1M"     # or a number of bytes
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FileConfig {
+    pub state_dir: Option<PathBuf>,
+    pub nbd_tcp: Option<String>,
+    pub nbd_socket: Option<PathBuf>,
+    pub control_socket: Option<PathBuf>,
+    pub log_level: Option<String>,
+    #[serde(default, deserialize_with = "size_value")]
+    pub default_chunk_size: Option<String>,
+}
+
+/// Command-line overrides of `imgcache serve` (and the environment variables clap maps to them).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Overrides {
+    pub state_dir: Option<PathBuf>,
+    /// An address or `off`.
+    pub nbd_tcp: Option<String>,
+    pub nbd_socket: Option<PathBuf>,
+    pub control_socket: Option<PathBuf>,
+    pub log_level: Option<String>,
+    pub default_chunk_size: Option<String>,
+}
+
+/// The validated daemon configuration. All paths are absolute.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub state_dir: PathBuf,
+    /// `None`: no TCP listener.
+    pub nbd_tcp: Option<SocketAddr>,
+    pub nbd_socket: PathBuf,
+    pub control_socket: PathBuf,
+    /// A `tracing_subscriber::EnvFilter` directive string.
+    pub log_level: String,
+    /// Chunk size for imports that do not choose one, in bytes.
+    pub default_chunk_size: u32,
+}
+
+impl Config {
+    /// Read `file` (if given), apply `overrides`, validate.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let (parsed, base) = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                let parsed = FileConfig::parse(&text, path)?;
+                let base = absolute(path.parent().unwrap_or(Path::new(".")));
+                (parsed, base)
+            }
+            None => (FileConfig::default(), current_dir()),
+        };
+        Config::resolve(&parsed, &base, overrides, default_state_dir)
+    }
+
+    /// Merge `file` (relative paths resolved against `file_base`), `overrides` (relative
+    /// paths resolved against the current directory) and defaults, and validate.
+    /// `default_state_dir` is only called when neither sets the state directory.
+    pub fn resolve(
+        file: &FileConfig,
+        file_base: &Path,
+        overrides: &Overrides,
+        default_state_dir: impl FnOnce() -> Result<PathBuf, ConfigError>,
+    ) -> Result<Config, ConfigError> {
+        let cwd = current_dir();
+        let pick = |flag: &Option<PathBuf>, key: &Option<PathBuf>| -> Option<PathBuf> {
+            flag.as_ref()
+                .map(|p| cwd.join(p))
+                .or_else(|| key.as_ref().map(|p| file_base.join(p)))
+        };
+        let state_dir = match pick(&overrides.state_dir, &file.state_dir) {
+            Some(dir) => dir,
+            None => default_state_dir()?,
+        };
+        let nbd_socket = pick(&overrides.nbd_socket, &file.nbd_socket)
+            .unwrap_or_else(|| state_dir.join("nbd.sock"));
+        let control_socket = pick(&overrides.control_socket, &file.control_socket)
+            .unwrap_or_else(|| state_dir.join("control.sock"));
+        for (key, path) in [
+            ("nbd-socket", &nbd_socket),
+            ("control-socket", &control_socket),
+        ] {
+            check_socket_path(key, path)?;
+        }
+
+        let nbd_tcp_text = overrides
+            .nbd_tcp
+            .as_deref()
+            .or(file.nbd_tcp.as_deref())
+            .unwrap_or(DEFAULT_NBD_TCP);
+        let nbd_tcp = parse_nbd_tcp(nbd_tcp_text).map_err(|reason| ConfigError::Invalid {
+            key: "nbd-tcp",
+            value: nbd_tcp_text.to_string(),
+            reason,
+        })?;
+
+        let log_level = overrides
+            .log_level
+            .clone()
+            .or_else(|| file.log_level.clone())
+            .unwrap_or_else(|| DEFAULT_LOG_LEVEL.to_string());
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log_level) {
+            return Err(ConfigError::Invalid {
+                key: "log-level",
+                value: log_level,
+                reason: format!("{e} (use error, warn, info, debug, trace or a tracing filter)"),
+            });
+        }
+
+        let default_chunk_size = match overrides
+            .default_chunk_size
+            .as_deref()
+            .or(file.default_chunk_size.as_deref())
+        {
+            None => DEFAULT_CHUNK_SIZE,
+            Some(text) => parse_chunk_size(text).map_err(|reason| ConfigError::Invalid {
+                key: "default-chunk-size",
+                value: text.to_string(),
+                reason,
+            })?,
+        };
+
+        Ok(Config {
+            state_dir,
+            nbd_tcp,
+            nbd_socket,
+            control_socket,
+            log_level,
+            default_chunk_size,
+        })
+    }
+
+    /// The catalog database file.
+    pub fn catalog_path(&self) -> PathBuf {
+        self.state_dir.join("catalog.redb")
+    }
+
+    /// The root of the local image store.
+    pub fn store_dir(&self) -> PathBuf {
+        self.state_dir.join("store")
+    }
+
+    /// The lock file that keeps a second daemon off this state directory.
+    pub fn lock_path(&self) -> PathBuf {
+        self.state_dir.join("lock")
+    }
+}
+
+impl FileConfig {
+    /// Parse TOML `text` read from `path` (named in errors).
+    pub fn parse(text: &str, path: &Path) -> Result<FileConfig, ConfigError> {
+        toml::from_str(text).map_err(|e: toml::de::Error| {
+            let location = e.span().map(|span| {
+                let (line, column) = line_column(text, span.start);
+                format!(":{line}:{column}")
+            });
+            ConfigError::Parse {
+                path: path.to_path_buf(),
+                location,
+                message: e.message().trim().to_string(),
+            }
+        })
+    }
+}
+
+/// The default state directory for the current user.
+pub fn default_state_dir() -> Result<PathBuf, ConfigError> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    state_dir_for(
+        euid,
+        std::env::var_os("XDG_STATE_HOME").map(PathBuf::from),
+        std::env::var_os("HOME").map(PathBuf::from),
+    )
+}
+
+/// The default state directory for user `euid` given `XDG_STATE_HOME` and `HOME`.
+pub fn state_dir_for(
+    euid: u32,
+    xdg_state_home: Option<PathBuf>,
+    home: Option<PathBuf>,
+) -> Result<PathBuf, ConfigError> {
+    if euid == 0 {
+        return Ok(PathBuf::from("/var/lib/imgcache"));
+    }
+    // The XDG spec says relative values are invalid and must be ignored.
+    if let Some(x) = xdg_state_home.filter(|x| x.is_absolute()) {
+        return Ok(x.join("imgcache"));
+    }
+    match home.filter(|h| h.is_absolute()) {
+        Some(h) => Ok(h.join(".local/state/imgcache")),
+        None => Err(ConfigError::NoHome),
+    }
+}
+
+/// Parse an NBD TCP setting: `off` (no listener) or `HOST:PORT` with a numeric host.
+pub fn parse_nbd_tcp(text: &str) -> Result<Option<SocketAddr>, String> {
+    if text.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    text.parse::<SocketAddr>().map(Some).map_err(|_| {
+        "expected an address such as 127.0.0.1:10809 or [::1]:10809, or \"off\"".to_string()
+    })
+}
+
+/// Parse a chunk size (`1M`, `65536`) and check that it is a power of two in range.
+pub fn parse_chunk_size(text: &str) -> Result<u32, String> {
+    let bytes = parse_size(text)?;
+    check_chunk_size(bytes)
+}
+
+/// Check that `bytes` is a power of two between the minimum and maximum chunk sizes.
+pub fn check_chunk_size(bytes: u64) -> Result<u32, String> {
+    if !bytes.is_power_of_two()
+        || bytes < u64::from(MIN_CHUNK_SIZE)
+        || bytes > u64::from(MAX_CHUNK_SIZE)
+    {
+        return Err(format!(
+            "chunk size must be a power of two from {} to {} (e.g. 64K, 1M, 4M)",
+            format_size(MIN_CHUNK_SIZE.into()),
+            format_size(MAX_CHUNK_SIZE.into())
+        ));
+    }
+    Ok(bytes as u32)
+}
+
+fn check_socket_path(key: &'static str, path: &Path) -> Result<(), ConfigError> {
+    let len = path.as_os_str().len();
+    if len > MAX_SOCKET_PATH {
+        return Err(ConfigError::Invalid {
+            key,
+            value: path.display().to_string(),
+            reason: format!(
+                "a unix socket path can be at most {MAX_SOCKET_PATH} bytes, this one has {len}"
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Accept a size either as a TOML string (`"1M"`) or a TOML integer (bytes).
+fn size_value<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    struct SizeVisitor;
+    impl serde::de::Visitor<'_> for SizeVisitor {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a size such as \"1M\" or a number of bytes")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(Some(v.to_string()))
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Self::Value, E> {
+            Ok(Some(v.to_string()))
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
+            Ok(Some(v.to_string()))
+        }
+    }
+    d.deserialize_any(SizeVisitor)
+}
+
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+fn current_dir() -> PathBuf {
+    std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"))
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    if p.as_os_str().is_empty() {
+        current_dir()
+    } else {
+        current_dir().join(p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resolve(file: &FileConfig, overrides: &Overrides) -> Result<Config, ConfigError> {
+        Config::resolve(file, Path::new("/etc/imgcache"), overrides, || {
+            Ok(PathBuf::from("/state"))
+        })
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_naming_key_and_file() {
+        let err = FileConfig::parse(
+            "state-dir = \"/x\"\nnbd-port = 1\n",
+            Path::new("/etc/i.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("nbd-port"), "{err}");
+        assert!(err.contains("/etc/i.toml:2:1"), "{err}");
+        assert!(!err.contains('\n'), "{err}");
+    }
+
+    #[test]
+    fn all_keys_parse() {
+        let text = r#"
+            state-dir = "/srv/ic"
+            nbd-tcp = "off"
+            nbd-socket = "nbd.sock"
+            control-socket = "/run/ic.sock"
+            log-level = "debug"
+            default-chunk-size = "4M"
+        "#;
+        let file = FileConfig::parse(text, Path::new("c.toml")).unwrap();
+        let cfg = resolve(&file, &Overrides::default()).unwrap();
+        assert_eq!(cfg.state_dir, PathBuf::from("/srv/ic"));
+        assert_eq!(cfg.nbd_tcp, None);
+        assert_eq!(cfg.nbd_socket, PathBuf::from("/etc/imgcache/nbd.sock"));
+        assert_eq!(cfg.control_socket, PathBuf::from("/run/ic.sock"));
+        assert_eq!(cfg.log_level, "debug");
+        assert_eq!(cfg.default_chunk_size, 4 << 20);
+    }
+
+    #[test]
+    fn empty_config_gives_defaults_under_state_dir() {
+        let cfg = resolve(&FileConfig::default(), &Overrides::default()).unwrap();
+        assert_eq!(cfg.state_dir, PathBuf::from("/state"));
+        assert_eq!(cfg.control_socket, PathBuf::from("/state/control.sock"));
+        assert_eq!(cfg.nbd_socket, PathBuf::from("/state/nbd.sock"));
+        assert_eq!(cfg.nbd_tcp, Some("127.0.0.1:10809".parse().unwrap()));
+        assert_eq!(cfg.default_chunk_size, DEFAULT_CHUNK_SIZE);
+        assert_eq!(cfg.catalog_path(), PathBuf::from("/state/catalog.redb"));
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let file = FileConfig {
+            state_dir: Some("/from-file".into()),
+            nbd_tcp: Some("127.0.0.1:1".into()),
+            ..FileConfig::default()
+        };
+        let overrides = Overrides {
+            state_dir: Some("/from-flag".into()),
+            nbd_tcp: Some("off".into()),
+            ..Overrides::default()
+        };
+        let cfg = resolve(&file, &overrides).unwrap();
+        assert_eq!(cfg.state_dir, PathBuf::from("/from-flag"));
+        assert_eq!(cfg.nbd_tcp, None);
+    }
+
+    #[test]
+    fn integer_chunk_size_is_accepted() {
+        let file = FileConfig::parse("default-chunk-size = 65536", Path::new("c")).unwrap();
+        assert_eq!(file.default_chunk_size.as_deref(), Some("65536"));
+    }
+
+    #[test]
+    fn chunk_size_not_power_of_two_is_rejected() {
+        let file = FileConfig {
+            default_chunk_size: Some("3M".into()),
+            ..FileConfig::default()
+        };
+        let err = resolve(&file, &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("default-chunk-size"), "{err}");
+        assert!(err.contains("power of two"), "{err}");
+    }
+
+    #[test]
+    fn chunk_size_out_of_range_is_rejected() {
+        assert!(parse_chunk_size("32K").is_err());
+        assert!(parse_chunk_size("32M").is_err());
+        assert_eq!(parse_chunk_size("64K"), Ok(65536));
+        assert_eq!(parse_chunk_size("16M"), Ok(16 << 20));
+    }
+
+    #[test]
+    fn bad_nbd_address_is_rejected() {
+        let file = FileConfig {
+            nbd_tcp: Some("localhost".into()),
+            ..FileConfig::default()
+        };
+        let err = resolve(&file, &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("nbd-tcp"), "{err}");
+        assert!(err.contains("\"localhost\""), "{err}");
+    }
+
+    #[test]
+    fn bad_log_level_is_rejected() {
+        let overrides = Overrides {
+            log_level: Some("info,=[".into()),
+            ..Overrides::default()
+        };
+        let err = resolve(&FileConfig::default(), &overrides).unwrap_err();
+        assert!(err.to_string().contains("log-level"), "{err}");
+    }
+
+    #[test]
+    fn overlong_socket_path_is_rejected() {
+        let overrides = Overrides {
+            state_dir: Some(PathBuf::from("/").join("d".repeat(120))),
+            ..Overrides::default()
+        };
+        let err = resolve(&FileConfig::default(), &overrides).unwrap_err();
+        assert!(err.to_string().contains("at most 107 bytes"), "{err}");
+    }
+
+    #[test]
+    fn default_state_dir_depends_on_user() {
+        let dir = |euid, xdg: Option<&str>, home: Option<&str>| {
+            state_dir_for(euid, xdg.map(PathBuf::from), home.map(PathBuf::from))
+        };
+        assert_eq!(
+            dir(0, Some("/x"), Some("/root")).unwrap(),
+            PathBuf::from("/var/lib/imgcache")
+        );
+        assert_eq!(
+            dir(1000, Some("/x"), Some("/home/u")).unwrap(),
+            PathBuf::from("/x/imgcache")
+        );
+        assert_eq!(
+            dir(1000, Some("rel"), Some("/home/u")).unwrap(),
+            PathBuf::from("/home/u/.local/state/imgcache")
+        );
+        assert!(dir(1000, None, None).is_err());
+    }
+}

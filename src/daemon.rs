@@ -1,1 +1,0 @@
-//! The daemon. (Stub: filled in by the daemon work.)

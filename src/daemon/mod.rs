@@ -1,0 +1,523 @@
+//! The daemon: owns the catalog, the local store, the chunk ledger and the open images, and
+//! serves them to the NBD front end (as an [`ExportRegistry`]) and to the control API.
+//!
+//! - [`Daemon`]: the core. Catalog rows become `Arc<Image>` handles only in
+//!   [`ExportRegistry::open`]; the data path never looks at the catalog. An image handle is
+//!   cached in `images` from its first export open until the image is disabled, deleted or
+//!   expunged (connections already open keep their own `Arc`).
+//! - [`lock::StateLock`]: one daemon per state directory.
+//! - [`serve`](mod@serve): listeners, signals, start-up and shutdown of `imgcache serve`.
+//!
+//! Invariants: an add inserts an `importing` row first (reserving the name) and always ends
+//! with either `finish_import` or `remove_failed_import`; rows left `importing` by a crash and
+//! chunks no row references are removed at start-up by [`Daemon::recover`].
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use crate::catalog::{
+    validate_name, Catalog, CatalogError, FinishImport, ImageAttributes, ImagePatch, ImageRecord,
+    ImageStatus, Lifecycle,
+};
+use crate::config::{check_chunk_size, Config};
+use crate::error::{Classify, ErrorKind};
+use crate::export::{Export, ExportListing, ExportRegistry};
+use crate::image::{
+    delete_unreferenced, import_file, sweep_orphans, Checksum, ChunkLedger, Image, ImageError,
+    ImportOptions, IsReferenced, Progress,
+};
+use crate::store::dir::DirStore;
+use crate::store::Store;
+use crate::types::{format_size, ImageId};
+
+mod local_store;
+pub mod lock;
+pub mod serve;
+
+/// The name of the built-in store, as recorded in catalog rows.
+pub const LOCAL_STORE: &str = "local";
+
+/// The prefix of image export names: `images/NAME`.
+pub const IMAGE_EXPORT_PREFIX: &str = "images/";
+
+/// Errors of daemon operations.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("{0}")]
+    InvalidInput(String),
+    #[error("{context}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("another imgcache daemon{} is using {}", pid.map(|p| format!(" (pid {p})")).unwrap_or_default(), state_dir.display())]
+    AlreadyRunning {
+        pid: Option<u32>,
+        state_dir: PathBuf,
+    },
+    /// A start-up step failed.
+    #[error("{context}")]
+    Startup {
+        context: String,
+        #[source]
+        source: Box<DaemonError>,
+    },
+    #[error("the daemon is shutting down")]
+    ShuttingDown,
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Classify for DaemonError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            DaemonError::Catalog(e) => e.kind(),
+            DaemonError::Image(e) => e.kind(),
+            DaemonError::Config(e) => e.kind(),
+            DaemonError::InvalidInput(_) => ErrorKind::InvalidInput,
+            DaemonError::Io { source, .. } => ErrorKind::of_io(source),
+            DaemonError::AlreadyRunning { .. } => ErrorKind::Conflict,
+            DaemonError::Startup { source, .. } => source.kind(),
+            DaemonError::ShuttingDown => ErrorKind::Unavailable,
+            DaemonError::Internal(_) => ErrorKind::Internal,
+        }
+    }
+}
+
+/// What to import (`POST /v1/images`, already parsed).
+#[derive(Debug, Clone)]
+pub struct AddImage {
+    pub name: String,
+    /// Absolute path on this host.
+    pub file: PathBuf,
+    /// Bytes; the configured default when `None`.
+    pub chunk_size: Option<u64>,
+    /// `md5:HEX` or `sha256:HEX`.
+    pub checksum: Option<String>,
+    pub attributes: ImageAttributes,
+}
+
+/// What [`Daemon::recover`] cleaned up.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Recovery {
+    pub interrupted_imports: u64,
+    pub orphan_chunks: u64,
+    pub orphan_manifests: u64,
+}
+
+/// The daemon core.
+pub struct Daemon {
+    catalog: Arc<Catalog>,
+    store: Arc<dyn Store>,
+    ledger: Arc<ChunkLedger>,
+    /// Open image handles, by id.
+    images: Mutex<HashMap<ImageId, Arc<Image>>>,
+    /// Cancel flags of running imports, so shutdown can stop them.
+    imports: Mutex<HashMap<ImageId, Arc<AtomicBool>>>,
+    /// Set at shutdown: no new imports.
+    closing: AtomicBool,
+    default_chunk_size: u32,
+}
+
+impl Daemon {
+    /// A daemon over an open catalog and store. Does no I/O.
+    pub fn new(catalog: Catalog, store: Arc<dyn Store>, default_chunk_size: u32) -> Daemon {
+        Daemon {
+            catalog: Arc::new(catalog),
+            store,
+            ledger: Arc::new(ChunkLedger::default()),
+            images: Mutex::new(HashMap::new()),
+            imports: Mutex::new(HashMap::new()),
+            closing: AtomicBool::new(false),
+            default_chunk_size,
+        }
+    }
+
+    /// Open the catalog and the local store of `config`'s state directory and run start-up
+    /// recovery. The caller holds the state lock.
+    pub async fn open(config: &Config) -> Result<Arc<Daemon>, DaemonError> {
+        let catalog_path = config.catalog_path();
+        let context = format!("cannot open the catalog {}", catalog_path.display());
+        let catalog = tokio::task::spawn_blocking(move || Catalog::open(&catalog_path))
+            .await
+            .map_err(|e| DaemonError::Internal(e.to_string()))?
+            .map_err(|e| DaemonError::Startup {
+                context,
+                source: Box::new(e.into()),
+            })?;
+        let store_dir = config.store_dir();
+        let store = DirStore::open(store_dir.clone()).map_err(|source| DaemonError::Io {
+            context: format!("cannot open the local store at {}", store_dir.display()),
+            source,
+        })?;
+        let store = local_store::as_dyn_store(store).ok_or_else(|| {
+            DaemonError::Internal("the local directory store is not implemented yet".into())
+        })?;
+        let daemon = Arc::new(Daemon::new(catalog, store, config.default_chunk_size));
+        let r = daemon.recover().await.map_err(|e| DaemonError::Startup {
+            context: "start-up recovery failed".into(),
+            source: Box::new(e),
+        })?;
+        if r != Recovery::default() {
+            tracing::info!(
+                interrupted_imports = r.interrupted_imports,
+                orphan_chunks = r.orphan_chunks,
+                orphan_manifests = r.orphan_manifests,
+                "start-up recovery cleaned up after an earlier crash"
+            );
+        }
+        Ok(daemon)
+    }
+
+    /// Remove rows a crash left `importing`, then delete chunks and manifests no row references.
+    pub async fn recover(&self) -> Result<Recovery, DaemonError> {
+        let mut report = Recovery::default();
+        for row in self.catalog_call(|c| c.list(true)).await? {
+            if row.status == ImageStatus::Importing {
+                tracing::warn!(image = %row.name, id = %row.id, "removing import interrupted by a crash");
+                let id = row.id;
+                self.catalog_call(move |c| c.remove_failed_import(id))
+                    .await?;
+                report.interrupted_imports += 1;
+            }
+        }
+        let (chunks, manifests) = self
+            .catalog_call(|c| Ok((c.referenced_chunks()?, c.referenced_manifests()?)))
+            .await?;
+        let (orphan_chunks, orphan_manifests) =
+            sweep_orphans(self.store.clone(), &chunks, &manifests).await?;
+        report.orphan_chunks = orphan_chunks;
+        report.orphan_manifests = orphan_manifests;
+        Ok(report)
+    }
+
+    /// Images sorted by name; deleted ones (the recycle bin) only with `all`.
+    pub async fn list_images(&self, all: bool) -> Result<Vec<ImageRecord>, DaemonError> {
+        self.catalog_call(move |c| c.list(all)).await
+    }
+
+    /// One image by id or name.
+    pub async fn get_image(&self, id_or_name: &str) -> Result<ImageRecord, DaemonError> {
+        let key = id_or_name.to_string();
+        self.catalog_call(move |c| c.get(&key)).await
+    }
+
+    /// Apply `patch` to an image.
+    pub async fn update_image(
+        &self,
+        id_or_name: &str,
+        patch: ImagePatch,
+    ) -> Result<ImageRecord, DaemonError> {
+        let id = self.get_image(id_or_name).await?.id;
+        self.catalog_call(move |c| c.update(id, &patch)).await
+    }
+
+    /// Disable, enable, delete or recover an image.
+    pub async fn lifecycle(
+        &self,
+        id_or_name: &str,
+        action: Lifecycle,
+    ) -> Result<ImageRecord, DaemonError> {
+        let id = self.get_image(id_or_name).await?.id;
+        let row = self.catalog_call(move |c| c.transition(id, action)).await?;
+        if row.status != ImageStatus::Active {
+            self.images.lock().remove(&id);
+        }
+        Ok(row)
+    }
+
+    /// Remove a deleted image for good and delete its chunks no other image uses.
+    pub async fn expunge(&self, id_or_name: &str) -> Result<ImageRecord, DaemonError> {
+        let id = self.get_image(id_or_name).await?.id;
+        let (row, digests) = self.catalog_call(move |c| c.expunge(id)).await?;
+        self.images.lock().remove(&id);
+        // The row is gone: a failure here leaves orphans, which the next start-up sweeps.
+        match delete_unreferenced(
+            self.store.clone(),
+            self.ledger.clone(),
+            self.is_referenced(),
+            &row.manifest_key,
+            &digests,
+        )
+        .await
+        {
+            Ok(n) => tracing::info!(image = %row.name, chunks_deleted = n, "expunged image"),
+            Err(e) => tracing::warn!(image = %row.name, error = %error_chain(&e),
+                "expunged image; its chunks stay until the next start-up sweep"),
+        }
+        Ok(row)
+    }
+
+    /// Import `req.file` as a new image. Runs to completion (or cleanup) on its own task
+    /// even if the returned future is dropped; set `cancel` to stop it. `progress` is called
+    /// with (bytes done, bytes total).
+    pub async fn add_image(
+        self: &Arc<Self>,
+        req: AddImage,
+        progress: Progress,
+        cancel: Arc<AtomicBool>,
+    ) -> Result<ImageRecord, DaemonError> {
+        if self.closing.load(Ordering::SeqCst) {
+            return Err(DaemonError::ShuttingDown);
+        }
+        validate_name(&req.name).map_err(DaemonError::InvalidInput)?;
+        if !req.file.is_absolute() {
+            return Err(DaemonError::InvalidInput(format!(
+                "file path {} is not absolute",
+                req.file.display()
+            )));
+        }
+        let chunk_size = match req.chunk_size {
+            None => self.default_chunk_size,
+            Some(n) => check_chunk_size(n).map_err(DaemonError::InvalidInput)?,
+        };
+        let expected = match &req.checksum {
+            None => None,
+            Some(text) => Some(
+                text.parse::<Checksum>()
+                    .map_err(DaemonError::InvalidInput)?,
+            ),
+        };
+        let meta = tokio::fs::metadata(&req.file)
+            .await
+            .map_err(|source| DaemonError::Io {
+                context: format!("cannot open {}", req.file.display()),
+                source,
+            })?;
+        if !meta.is_file() {
+            return Err(DaemonError::InvalidInput(format!(
+                "{} is not a regular file",
+                req.file.display()
+            )));
+        }
+
+        let id = ImageId::random();
+        let (name, attrs) = (req.name.clone(), req.attributes.clone());
+        self.catalog_call(move |c| c.insert_importing(id, &name, &attrs, LOCAL_STORE))
+            .await?;
+        self.imports.lock().insert(id, cancel.clone());
+
+        let this = self.clone();
+        let opts = ImportOptions {
+            chunk_size,
+            expected,
+            progress: Some(progress),
+            cancel,
+        };
+        let task = tokio::spawn(async move {
+            let result = this.run_import(id, &req, opts).await;
+            this.imports.lock().remove(&id);
+            if let Err(e) = &result {
+                tracing::warn!(image = %req.name, error = %error_chain(e), "import failed");
+                if let Err(e) = this.catalog_call(move |c| c.remove_failed_import(id)).await {
+                    tracing::error!(id = %id, error = %error_chain(&e),
+                        "cannot remove the row of a failed import; the next start-up will");
+                }
+            }
+            result
+        });
+        task.await
+            .map_err(|e| DaemonError::Internal(format!("import task failed: {e}")))?
+    }
+
+    async fn run_import(
+        &self,
+        id: ImageId,
+        req: &AddImage,
+        opts: ImportOptions,
+    ) -> Result<ImageRecord, DaemonError> {
+        let (imported, guard) = import_file(
+            self.store.clone(),
+            self.ledger.clone(),
+            self.is_referenced(),
+            id,
+            &req.file,
+            opts,
+        )
+        .await?;
+        let facts = FinishImport {
+            virtual_size: imported.virtual_size,
+            stored_size: imported.stored_size,
+            chunk_size: imported.chunk_size,
+            md5: imported.md5.clone(),
+            sha256: imported.sha256.clone(),
+            manifest_key: imported.manifest_key.clone(),
+        };
+        let digests = imported.digests.clone();
+        let committed = {
+            // Released at the end of this block: the catalog references the chunks now (or
+            // never will), so the ledger may let go.
+            let _guard = guard;
+            self.catalog_call(move |c| c.finish_import(id, &facts, &digests))
+                .await
+        };
+        match committed {
+            Ok(row) => {
+                tracing::info!(image = %row.name, id = %row.id, size = row.virtual_size,
+                    chunks_new = imported.chunks_new, "image added");
+                Ok(row)
+            }
+            Err(e) => {
+                if let Err(e2) = delete_unreferenced(
+                    self.store.clone(),
+                    self.ledger.clone(),
+                    self.is_referenced(),
+                    &imported.manifest_key,
+                    &imported.digests,
+                )
+                .await
+                {
+                    tracing::warn!(error = %error_chain(&e2),
+                        "cannot delete the chunks of an uncommitted import; the next start-up will");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Stop accepting imports and cancel the running ones.
+    pub fn begin_shutdown(&self) {
+        self.closing.store(true, Ordering::SeqCst);
+        for cancel in self.imports.lock().values() {
+            cancel.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// How many imports are running.
+    pub fn imports_running(&self) -> usize {
+        self.imports.lock().len()
+    }
+
+    fn is_referenced(&self) -> IsReferenced {
+        let catalog = self.catalog.clone();
+        Arc::new(move |d| catalog.is_referenced(d))
+    }
+
+    /// Run a catalog operation off the async runtime (redb commits fsync).
+    async fn catalog_call<T, F>(&self, f: F) -> Result<T, DaemonError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Catalog) -> Result<T, CatalogError> + Send + 'static,
+    {
+        let catalog = self.catalog.clone();
+        tokio::task::spawn_blocking(move || f(&catalog))
+            .await
+            .map_err(|e| DaemonError::Internal(format!("catalog task failed: {e}")))?
+            .map_err(DaemonError::from)
+    }
+
+    /// The open handle of image `row`, opening it on first use.
+    fn image_handle(&self, row: &ImageRecord) -> Result<Arc<Image>, ImageError> {
+        if let Some(img) = self.images.lock().get(&row.id) {
+            return Ok(img.clone());
+        }
+        let img = block_on_async(Image::open(self.store.clone(), &row.manifest_key))?;
+        // Another connection may have opened it meanwhile; keep the first.
+        Ok(self.images.lock().entry(row.id).or_insert(img).clone())
+    }
+}
+
+/// "NAME (SIZE, format raw, x86_64)".
+pub fn export_description(row: &ImageRecord) -> String {
+    format!(
+        "{} ({}, format {}, {})",
+        row.name,
+        format_size(row.virtual_size),
+        row.disk_format,
+        row.architecture
+    )
+}
+
+impl ExportRegistry for Daemon {
+    fn list(&self) -> Vec<ExportListing> {
+        match self.catalog.list(false) {
+            Ok(rows) => {
+                let mut out: Vec<ExportListing> = rows
+                    .iter()
+                    .filter(|r| r.status == ImageStatus::Active)
+                    .map(|r| ExportListing {
+                        name: format!("{IMAGE_EXPORT_PREFIX}{}", r.name),
+                        description: export_description(r),
+                    })
+                    .collect();
+                out.sort_by(|a, b| a.name.cmp(&b.name));
+                out
+            }
+            Err(e) => {
+                tracing::warn!(error = %error_chain(&e), "cannot list exports");
+                Vec::new()
+            }
+        }
+    }
+
+    fn open(&self, name: &str) -> Option<Export> {
+        let image_name = name.strip_prefix(IMAGE_EXPORT_PREFIX)?;
+        // Only names: an id would make two export names for one image.
+        validate_name(image_name).ok()?;
+        let row = match self.catalog.get(image_name) {
+            Ok(row) if row.name == image_name && row.status == ImageStatus::Active => row,
+            Ok(_) => return None,
+            Err(e) => {
+                if e.kind() != ErrorKind::NotFound {
+                    tracing::warn!(export = name, error = %error_chain(&e), "catalog lookup failed");
+                }
+                return None;
+            }
+        };
+        match self.image_handle(&row) {
+            Ok(device) => Some(Export {
+                name: name.to_string(),
+                description: export_description(&row),
+                device,
+            }),
+            Err(e) => {
+                tracing::error!(export = name, error = %error_chain(&e), "cannot open image");
+                None
+            }
+        }
+    }
+}
+
+/// Run `fut` to completion from synchronous code called on a tokio worker thread
+/// ([`ExportRegistry::open`] is synchronous but opening an image is async).
+fn block_on_async<F: std::future::Future + Send>(fut: F) -> F::Output
+where
+    F::Output: Send,
+{
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(|| h.block_on(fut))
+        }
+        // A current-thread runtime cannot block in place: run on a helper thread.
+        Ok(h) => std::thread::scope(|s| s.spawn(|| h.block_on(fut)).join())
+            .unwrap_or_else(|p| std::panic::resume_unwind(p)),
+        Err(_) => futures::executor::block_on(fut),
+    }
+}
+
+/// `err` and its sources joined with ": ", for logs and API messages.
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut src = err.source();
+    while let Some(s) = src {
+        let text = s.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        src = s.source();
+    }
+    out
+}
