@@ -34,7 +34,6 @@ use crate::store::dir::DirStore;
 use crate::store::Store;
 use crate::types::{format_size, ImageId};
 
-mod local_store;
 pub mod lock;
 pub mod serve;
 
@@ -161,9 +160,7 @@ impl Daemon {
             context: format!("cannot open the local store at {}", store_dir.display()),
             source,
         })?;
-        let store = local_store::as_dyn_store(store).ok_or_else(|| {
-            DaemonError::Internal("the local directory store is not implemented yet".into())
-        })?;
+        let store: Arc<dyn Store> = Arc::new(store);
         let daemon = Arc::new(Daemon::new(catalog, store, config.default_chunk_size));
         let r = daemon.recover().await.map_err(|e| DaemonError::Startup {
             context: "start-up recovery failed".into(),
