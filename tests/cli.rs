@@ -213,7 +213,7 @@ fn serve_refuses_a_locked_state_dir_naming_the_pid() {
     let out = imgcache(dir.path(), &["serve", "--nbd-tcp", "off"]);
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(
-        stderr(&out).trim(),
+        stderr(&out).trim().lines().last().unwrap_or(""),
         format!(
             "error: another imgcache daemon (pid 4242) is using {}",
             dir.path().display()
