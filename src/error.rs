@@ -95,3 +95,19 @@ impl ErrorKind {
         }
     }
 }
+
+/// `err` and its sources joined with ": ", for logs and user-facing messages (module errors
+/// never paste their source into their own message, so the chain is walked here once).
+pub fn chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut src = err.source();
+    while let Some(s) = src {
+        let text = s.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        src = s.source();
+    }
+    out
+}

@@ -27,7 +27,8 @@ use super::types::{
     kind_name, AddEvent, AddImageRequest, AddProgress, ApiError, ErrorBody, Health, MAX_BODY_BYTES,
 };
 use crate::catalog::{ImagePatch, ImageRecord, Lifecycle};
-use crate::daemon::{error_chain, AddImage, Daemon, DaemonError};
+use crate::daemon::{AddImage, Daemon, DaemonError};
+use crate::error::chain as error_chain;
 use crate::error::{Classify, ErrorKind};
 
 /// Progress lines of an add go out at most this often...

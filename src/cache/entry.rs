@@ -80,6 +80,8 @@ pub struct CachedImage {
     source: Arc<dyn ChunkSource>,
     pinned: AtomicBool,
     nowait_supported: AtomicBool,
+    /// The data file is in memory (tmpfs): the hot path may use a plain `pread`.
+    memory_fs: bool,
     last_chunk: AtomicU64,
     streak: AtomicU32,
     cached_chunks: AtomicU64,
@@ -119,6 +121,7 @@ impl CachedImage {
                 tick: AtomicU32::new(0),
             })
             .collect();
+        let inner_dir = inner.cfg.dir.clone();
         let img = CachedImage {
             inner,
             key: key.to_string(),
@@ -130,6 +133,7 @@ impl CachedImage {
             source,
             pinned: AtomicBool::new(pinned),
             nowait_supported: AtomicBool::new(true),
+            memory_fs: sys::is_memory_fs(&inner_dir),
             last_chunk: AtomicU64::new(u64::MAX),
             streak: AtomicU32::new(0),
             cached_chunks: AtomicU64::new(0),
@@ -537,7 +541,7 @@ impl CachedImage {
         let span_end = ((last + 1) * BLOCK).min(chunk_len);
         let file_off = index * self.chunk_size as u64 + span_start as u64;
         let read = |dst: &mut [u8]| -> io::Result<Hit> {
-            if nowait {
+            if nowait && !self.memory_fs {
                 match sys::pread_nowait(&self.file, dst, file_off)? {
                     NoWait::Done => {}
                     NoWait::WouldBlock => return Ok(Hit::WouldBlock),

@@ -250,7 +250,7 @@ impl Daemon {
         .await
         {
             Ok(n) => tracing::info!(image = %row.name, chunks_deleted = n, "expunged image"),
-            Err(e) => tracing::warn!(image = %row.name, error = %error_chain(&e),
+            Err(e) => tracing::warn!(image = %row.name, error = %crate::error::chain(&e),
                 "expunged image; its chunks stay until the next start-up sweep"),
         }
         Ok(row)
@@ -316,9 +316,9 @@ impl Daemon {
             let result = this.run_import(id, &req, opts).await;
             this.imports.lock().remove(&id);
             if let Err(e) = &result {
-                tracing::warn!(image = %req.name, error = %error_chain(e), "import failed");
+                tracing::warn!(image = %req.name, error = %crate::error::chain(e), "import failed");
                 if let Err(e) = this.catalog_call(move |c| c.remove_failed_import(id)).await {
-                    tracing::error!(id = %id, error = %error_chain(&e),
+                    tracing::error!(id = %id, error = %crate::error::chain(&e),
                         "cannot remove the row of a failed import; the next start-up will");
                 }
             }
@@ -375,7 +375,7 @@ impl Daemon {
                 )
                 .await
                 {
-                    tracing::warn!(error = %error_chain(&e2),
+                    tracing::warn!(error = %crate::error::chain(&e2),
                         "cannot delete the chunks of an uncommitted import; the next start-up will");
                 }
                 Err(e)
@@ -452,7 +452,7 @@ impl ExportRegistry for Daemon {
                 out
             }
             Err(e) => {
-                tracing::warn!(error = %error_chain(&e), "cannot list exports");
+                tracing::warn!(error = %crate::error::chain(&e), "cannot list exports");
                 Vec::new()
             }
         }
@@ -467,7 +467,7 @@ impl ExportRegistry for Daemon {
             Ok(_) => return None,
             Err(e) => {
                 if e.kind() != ErrorKind::NotFound {
-                    tracing::warn!(export = name, error = %error_chain(&e), "catalog lookup failed");
+                    tracing::warn!(export = name, error = %crate::error::chain(&e), "catalog lookup failed");
                 }
                 return None;
             }
@@ -479,7 +479,7 @@ impl ExportRegistry for Daemon {
                 device,
             }),
             Err(e) => {
-                tracing::error!(export = name, error = %error_chain(&e), "cannot open image");
+                tracing::error!(export = name, error = %crate::error::chain(&e), "cannot open image");
                 None
             }
         }
@@ -502,19 +502,4 @@ where
             .unwrap_or_else(|p| std::panic::resume_unwind(p)),
         Err(_) => futures::executor::block_on(fut),
     }
-}
-
-/// `err` and its sources joined with ": ", for logs and API messages.
-pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = err.to_string();
-    let mut src = err.source();
-    while let Some(s) = src {
-        let text = s.to_string();
-        if !out.ends_with(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        src = s.source();
-    }
-    out
 }

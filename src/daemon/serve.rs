@@ -17,8 +17,9 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use super::lock::StateLock;
-use super::{error_chain, Daemon, DaemonError};
+use super::{Daemon, DaemonError};
 use crate::config::Config;
+use crate::error::chain as error_chain;
 use crate::export::nbd::NbdServer;
 use crate::export::ExportRegistry;
 
@@ -53,6 +54,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         remove_stale_socket(path)?;
     }
 
+    let fd_limit = crate::sys::raise_fd_limit();
+    tracing::debug!(fd_limit, "open-file limit");
     let daemon = Daemon::open(&config).await?;
 
     let control = bind_unix(&config.control_socket, "control")?;

@@ -24,12 +24,14 @@ pub mod import;
 pub mod ledger;
 pub mod manifest;
 pub mod read;
+pub mod remote;
 
+pub use crate::sys::raise_fd_limit;
 pub use gc::{delete_unreferenced, sweep_orphans};
 pub use import::import_file;
 pub use ledger::{ChunkLedger, LedgerGuard};
 pub use manifest::{Manifest, ManifestError};
-pub use read::{raise_fd_limit, FdCache, Image};
+pub use read::{FdCache, Image};
 
 /// Errors of image operations.
 #[derive(Debug, thiserror::Error)]

@@ -25,7 +25,6 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
@@ -34,34 +33,16 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 use parking_lot::Mutex;
 
+use super::remote::{ManifestSource, ObjectSource};
 use super::{chunk_key, ImageError, Manifest};
+use crate::cache::{CachedImage, ChunkCache};
 use crate::device::{errno_error, BlockDevice, Extent, ExtentKind, Residency};
 use crate::store::Store;
+use crate::sys::NoWait;
 use crate::types::Digest;
 
 /// Open chunk files the default [`FdCache`] keeps.
 pub const DEFAULT_FD_CACHE_CAPACITY: usize = 4096;
-
-/// Raise this process's soft `RLIMIT_NOFILE` to its hard limit (call once at start-up).
-/// Returns the new soft limit.
-pub fn raise_fd_limit() -> io::Result<u64> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: `lim` is a valid, writable rlimit for the duration of the call.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if lim.rlim_cur < lim.rlim_max {
-        lim.rlim_cur = lim.rlim_max;
-        // SAFETY: `lim` is a valid rlimit read above, with cur <= max.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok(lim.rlim_cur)
-}
 
 /// Digests are uniformly random already: hash by their first 8 bytes.
 #[derive(Default)]
@@ -196,8 +177,10 @@ pub struct Image {
 struct Inner {
     store: Arc<dyn Store>,
     manifest_key: String,
-    manifest: Manifest,
+    manifest: Arc<Manifest>,
     chunk_shift: u32,
+    /// Set for images read through the chunk cache (remote stores, raw objects).
+    cached: Option<Arc<CachedImage>>,
     /// Whether the store has local files (`Store::local_path`).
     local: bool,
     fds: Arc<FdCache>,
@@ -229,7 +212,7 @@ impl Image {
         let local_dir = store.local_path(manifest_key);
         let mode = match &local_dir {
             None => MODE_NONE,
-            Some(p) if is_memory_fs(p) => MODE_PLAIN,
+            Some(p) if crate::sys::is_memory_fs(p.parent().unwrap_or(p)) => MODE_PLAIN,
             Some(_) => MODE_NOWAIT,
         };
         Ok(Arc::new(Image {
@@ -237,13 +220,101 @@ impl Image {
                 store,
                 manifest_key: manifest_key.to_string(),
                 chunk_shift: manifest.chunk_size().trailing_zeros(),
-                manifest,
+                manifest: Arc::new(manifest),
+                cached: None,
                 local: local_dir.is_some(),
                 fds,
                 mode: AtomicU8::new(mode),
                 cached_open: AtomicBool::new(true),
             }),
         }))
+    }
+
+    /// Open a native image whose chunks are in a (remote) `store`, read through `cache`
+    /// under `cache_key` (the image id): chunks are fetched on first read, verified against
+    /// their digests, and kept.
+    pub async fn open_cached(
+        store: Arc<dyn Store>,
+        manifest_key: &str,
+        cache: &ChunkCache,
+        cache_key: &str,
+    ) -> Result<Arc<Image>, ImageError> {
+        let bytes = store.get(manifest_key).await?;
+        let manifest = Manifest::decode(&bytes).map_err(|source| ImageError::Manifest {
+            key: manifest_key.to_string(),
+            source,
+        })?;
+        let manifest = Arc::new(manifest);
+        let source = Arc::new(ManifestSource::new(store.clone(), manifest.clone()));
+        Image::with_cache(store, manifest_key, manifest, source, cache, cache_key)
+    }
+
+    /// Open a raw image object `object_key` of `size` bytes in `store`, read by range in
+    /// chunks of `chunk_size` through `cache` under `cache_key`.
+    pub fn open_object(
+        store: Arc<dyn Store>,
+        object_key: &str,
+        size: u64,
+        chunk_size: u32,
+        cache: &ChunkCache,
+        cache_key: &str,
+    ) -> Result<Arc<Image>, ImageError> {
+        if !super::manifest::valid_chunk_size(chunk_size) {
+            return Err(ImageError::InvalidChunkSize { chunk_size });
+        }
+        let n = size.div_ceil(chunk_size as u64);
+        let manifest =
+            Manifest::from_entries(size, chunk_size, (0..n).map(|_| Some(Digest([0; 32]))))
+                .map_err(|source| ImageError::Manifest {
+                    key: object_key.to_string(),
+                    source,
+                })?;
+        let source = Arc::new(ObjectSource::new(
+            store.clone(),
+            object_key.to_string(),
+            chunk_size,
+        ));
+        Image::with_cache(
+            store,
+            object_key,
+            Arc::new(manifest),
+            source,
+            cache,
+            cache_key,
+        )
+    }
+
+    fn with_cache(
+        store: Arc<dyn Store>,
+        key: &str,
+        manifest: Arc<Manifest>,
+        source: Arc<dyn crate::cache::ChunkSource>,
+        cache: &ChunkCache,
+        cache_key: &str,
+    ) -> Result<Arc<Image>, ImageError> {
+        let cached = cache
+            .open_image(cache_key, manifest.size(), manifest.chunk_size(), source)
+            .map_err(|e| {
+                ImageError::Internal(format!("cannot open the cache of {cache_key}: {e}"))
+            })?;
+        Ok(Arc::new(Image {
+            inner: Arc::new(Inner {
+                store,
+                manifest_key: key.to_string(),
+                chunk_shift: manifest.chunk_size().trailing_zeros(),
+                manifest,
+                cached: Some(cached),
+                local: false,
+                fds: Arc::new(FdCache::new(SHARDS)),
+                mode: AtomicU8::new(MODE_NONE),
+                cached_open: AtomicBool::new(false),
+            }),
+        }))
+    }
+
+    /// The image's chunk cache, for images read through one.
+    pub fn cached(&self) -> Option<&Arc<CachedImage>> {
+        self.inner.cached.as_ref()
     }
 
     pub fn manifest(&self) -> &Manifest {
@@ -259,26 +330,6 @@ impl Image {
     pub fn has_nowait_path(&self) -> bool {
         self.inner.mode.load(Ordering::Relaxed) != MODE_NONE
     }
-}
-
-/// Whether `path` is on tmpfs or ramfs, whose reads never wait for a device.
-fn is_memory_fs(path: &Path) -> bool {
-    use std::os::unix::ffi::OsStrExt;
-    let dir = path.parent().unwrap_or(path);
-    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
-        return false;
-    };
-    // SAFETY: an all-zero statfs is a valid value of this plain C struct.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is a NUL-terminated path and `st` a writable statfs, both live for the call.
-    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
-        return false;
-    }
-    const TMPFS_MAGIC: i64 = 0x0102_1994;
-    const RAMFS_MAGIC: i64 = 0x8584_58f6;
-    #[allow(clippy::unnecessary_cast)]
-    let t = st.f_type as i64;
-    t == TMPFS_MAGIC || t == RAMFS_MAGIC
 }
 
 /// Outcome of a non-blocking open.
@@ -332,41 +383,24 @@ enum Nowait {
     Failed(io::Error),
 }
 
-/// Read all of `buf` at `offset` of `file` without blocking, or say why not.
+/// Read all of `buf` at `offset` of `file` without blocking, or say why not. `plain`: the
+/// file is in memory (tmpfs), where a plain `pread` never waits for a device.
 #[inline]
 fn pread_nowait(file: &File, buf: &mut [u8], offset: u64, plain: bool) -> Nowait {
-    let n = if plain {
-        match file.read_at(buf, offset) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Nowait::WouldBlock,
-            Err(e) => return Nowait::Failed(e),
-        }
-    } else {
-        let iov = libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: buf.len(),
+    if plain {
+        return match file.read_at(buf, offset) {
+            Ok(n) if n == buf.len() => Nowait::Done,
+            // A truncated chunk file: the blocking path reports it.
+            Ok(_) => Nowait::WouldBlock,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Nowait::WouldBlock,
+            Err(e) => Nowait::Failed(e),
         };
-        let Ok(off) = libc::off_t::try_from(offset) else {
-            return Nowait::Failed(errno_error(libc::EINVAL));
-        };
-        // SAFETY: `iov` describes exactly `buf`, which is valid and exclusively borrowed for
-        // the call; `file` keeps the fd open; the kernel writes at most `iov_len` bytes.
-        let r = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, off, libc::RWF_NOWAIT) };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            return match e.raw_os_error() {
-                Some(libc::EAGAIN) | Some(libc::EINTR) => Nowait::WouldBlock,
-                Some(libc::EOPNOTSUPP) => Nowait::Unsupported,
-                _ => Nowait::Failed(e),
-            };
-        }
-        r as usize
-    };
-    if n == buf.len() {
-        Nowait::Done
-    } else {
-        // Partly cached, or a truncated chunk file: the blocking path tells which.
-        Nowait::WouldBlock
+    }
+    match crate::sys::pread_nowait(file, buf, offset) {
+        Ok(NoWait::Done) => Nowait::Done,
+        Ok(NoWait::WouldBlock) => Nowait::WouldBlock,
+        Ok(NoWait::Unsupported) => Nowait::Unsupported,
+        Err(e) => Nowait::Failed(e),
     }
 }
 
@@ -398,6 +432,9 @@ impl Inner {
     }
 
     fn try_read_nowait(&self, offset: u64, buf: &mut [u8]) -> Option<io::Result<()>> {
+        if let Some(cached) = &self.cached {
+            return self.try_read_cached(cached, offset, buf);
+        }
         let mode = self.mode.load(Ordering::Relaxed);
         if mode == MODE_NONE {
             return None;
@@ -428,6 +465,57 @@ impl Inner {
             }
         }
         Some(Ok(()))
+    }
+
+    /// The hot path of cached images: every piece from the page cache, or `None`.
+    fn try_read_cached(
+        &self,
+        cached: &CachedImage,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Option<io::Result<()>> {
+        if let Err(e) = self.check_range(offset, buf.len()) {
+            return Some(Err(e));
+        }
+        let mut done = 0;
+        for (index, within, n) in self.pieces(offset, buf.len()) {
+            let piece = &mut buf[done..done + n];
+            done += n;
+            if self.manifest.is_hole(index) {
+                piece.fill(0);
+                continue;
+            }
+            if let Err(e) = cached.try_read(index, within as usize, piece)? {
+                return Some(Err(e));
+            }
+        }
+        Some(Ok(()))
+    }
+
+    /// Read through the chunk cache, fetching what is missing; the chunks of one request
+    /// are fetched concurrently.
+    async fn read_cached(
+        &self,
+        cached: &Arc<CachedImage>,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> io::Result<()> {
+        let mut rest = buf;
+        let mut reads = Vec::new();
+        for (index, within, n) in self.pieces(offset, rest.len()) {
+            let (piece, tail) = std::mem::take(&mut rest).split_at_mut(n);
+            rest = tail;
+            if self.manifest.is_hole(index) {
+                piece.fill(0);
+                continue;
+            }
+            reads.push(async move { cached.read(index, within as usize, piece).await });
+        }
+        futures::future::try_join_all(reads).await.map_err(|e| {
+            tracing::warn!(image = %cached.key(), error = %crate::error::chain(&e), "read failed");
+            errno_error(crate::error::Classify::kind(&e).errno())
+        })?;
+        Ok(())
     }
 
     /// Open and cache data chunk `index` without blocking, or `None`.
@@ -543,6 +631,9 @@ impl BlockDevice for Image {
         Box::pin(async move {
             let inner = &self.inner;
             inner.check_range(offset, buf.len())?;
+            if let Some(cached) = &inner.cached {
+                return inner.read_cached(cached, offset, buf).await;
+            }
             if !inner.local {
                 return inner.read_remote(offset, buf).await;
             }
@@ -558,6 +649,23 @@ impl BlockDevice for Image {
             .map_err(|e| io::Error::other(format!("read task failed: {e}")))??;
             buf.copy_from_slice(&data);
             Ok(())
+        })
+    }
+
+    fn cache<'a>(&'a self, offset: u64, len: u64) -> BoxFuture<'a, io::Result<()>> {
+        Box::pin(async move {
+            let Some(cached) = &self.inner.cached else {
+                return Ok(());
+            };
+            let end = offset.saturating_add(len).min(self.size());
+            if offset >= end {
+                return Ok(());
+            }
+            let shift = self.inner.chunk_shift;
+            cached
+                .prefetch(offset >> shift, (end - 1) >> shift)
+                .await
+                .map_err(|e| errno_error(crate::error::Classify::kind(&e).errno()))
         })
     }
 
@@ -578,15 +686,21 @@ impl BlockDevice for Image {
             } else {
                 ExtentKind::Data
             };
+            let residency = match &self.inner.cached {
+                Some(c) if kind == ExtentKind::Data && !c.is_cached(index) => Residency::Remote,
+                _ => Residency::Local,
+            };
             let count = out.len();
             match out.last_mut() {
-                Some(last) if last.kind == kind => last.len += chunk_end - pos,
+                Some(last) if last.kind == kind && last.residency == residency => {
+                    last.len += chunk_end - pos
+                }
                 _ if count == max_extents => break,
                 _ => out.push(Extent {
                     offset: pos,
                     len: chunk_end - pos,
                     kind,
-                    residency: Residency::Local,
+                    residency,
                 }),
             }
             pos = chunk_end;
@@ -623,7 +737,7 @@ mod tests {
 
     #[test]
     fn raise_fd_limit_reaches_hard_limit() {
-        let soft = raise_fd_limit().unwrap();
+        let soft = crate::sys::raise_fd_limit();
         let mut lim = libc::rlimit {
             rlim_cur: 0,
             rlim_max: 0,
