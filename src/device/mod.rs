@@ -88,8 +88,13 @@ pub trait WritableDevice: Send + Sync {
     /// Forget `offset .. offset+len`; afterwards it reads as zeros.
     fn trim(&self, offset: u64, len: u64, fua: bool) -> BoxFuture<'_, io::Result<()>>;
     /// Make `offset .. offset+len` read as zeros (`may_punch`: may deallocate).
-    fn write_zeroes(&self, offset: u64, len: u64, may_punch: bool, fua: bool)
-        -> BoxFuture<'_, io::Result<()>>;
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_punch: bool,
+        fua: bool,
+    ) -> BoxFuture<'_, io::Result<()>>;
 }
 
 /// An `io::Error` carrying `errno`, for devices to return.

@@ -26,7 +26,12 @@ pub enum StoreError {
     #[error("invalid object key {key:?}: {reason}")]
     InvalidKey { key: String, reason: &'static str },
     #[error("range {start}..{end} is outside object {key:?} of {size} bytes")]
-    RangeOutOfBounds { key: String, start: u64, end: u64, size: u64 },
+    RangeOutOfBounds {
+        key: String,
+        start: u64,
+        end: u64,
+        size: u64,
+    },
     #[error("i/o error on object {key:?}")]
     Io {
         key: String,
