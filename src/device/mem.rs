@@ -55,15 +55,20 @@ impl MemDevice {
             for h in &hs {
                 st.data[h.start as usize..h.end as usize].fill(0);
             }
-            hs.extend(st.holes.drain(..));
+            hs.append(&mut st.holes);
             st.holes = normalize(hs);
         }
         self
     }
 
-    /// Mark `ranges` as remote: reported as such and never served by `try_read_nowait`.
-    pub fn with_remote(mut self, ranges: impl IntoIterator<Item = Range<u64>>) -> MemDevice {
-        self.remote.extend(ranges);
+    /// Mark `range` as a hole (its bytes are zeroed).
+    pub fn with_hole(self, range: Range<u64>) -> MemDevice {
+        self.with_holes(std::iter::once(range))
+    }
+
+    /// Mark `range` as remote: reported as such and never served by `try_read_nowait`.
+    pub fn with_remote(mut self, range: Range<u64>) -> MemDevice {
+        self.remote.push(range);
         self.remote = normalize(std::mem::take(&mut self.remote));
         self
     }
@@ -269,7 +274,7 @@ mod tests {
 
     #[test]
     fn holes_read_as_zeros_and_are_reported() {
-        let dev = MemDevice::new(vec![7u8; 100]).with_holes([10..20]);
+        let dev = MemDevice::new(vec![7u8; 100]).with_hole(10..20);
         let mut buf = [1u8; 30];
         dev.try_read_nowait(0, &mut buf).unwrap().unwrap();
         assert_eq!(&buf[10..20], &[0u8; 10]);
@@ -285,7 +290,7 @@ mod tests {
 
     #[test]
     fn remote_ranges_block_the_nowait_path() {
-        let dev = MemDevice::new(vec![1u8; 100]).with_remote([50..60]);
+        let dev = MemDevice::new(vec![1u8; 100]).with_remote(50..60);
         let mut buf = [0u8; 10];
         assert!(dev.try_read_nowait(45, &mut buf).is_none());
         assert!(dev.try_read_nowait(60, &mut buf).is_some());
@@ -311,7 +316,7 @@ mod tests {
     #[tokio::test]
     async fn write_into_hole_makes_data() {
         let dev = MemDevice::new(vec![0u8; 100])
-            .with_holes([0..100])
+            .with_hole(0..100)
             .with_writes();
         BlockDevice::writable(&dev)
             .unwrap()

@@ -40,6 +40,19 @@ impl Classify for NbdError {
     }
 }
 
+/// Socket send buffer asked for: large replies go out in few `write`s, without waiting
+/// for the client between them. The kernel caps it at `net.core.wmem_max`.
+const SEND_BUFFER: usize = 4 * 1024 * 1024;
+
+fn tune_socket(sock: socket2::SockRef<'_>) {
+    if let Err(e) = sock.set_send_buffer_size(SEND_BUFFER) {
+        tracing::debug!(
+            error = &e as &dyn std::error::Error,
+            "nbd: cannot set SO_SNDBUF"
+        );
+    }
+}
+
 /// Serves the exports of a registry to NBD clients.
 pub struct NbdServer {
     registry: Arc<dyn ExportRegistry>,
@@ -59,6 +72,7 @@ impl NbdServer {
     ) -> std::io::Result<()> {
         let accept = || async {
             let (s, _) = listener.accept().await?;
+            tune_socket(socket2::SockRef::from(&s));
             Ok(s.into_split())
         };
         self.accept_loop(accept, shutdown).await
@@ -73,6 +87,7 @@ impl NbdServer {
         let accept = || async {
             let (s, _) = listener.accept().await?;
             s.set_nodelay(true)?;
+            tune_socket(socket2::SockRef::from(&s));
             Ok(s.into_split())
         };
         self.accept_loop(accept, shutdown).await
