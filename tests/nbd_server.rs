@@ -821,3 +821,31 @@ async fn garbage_client_does_not_affect_another_client() {
     tx.send(true).unwrap();
     run.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn large_structured_read_comes_in_pieces_and_survives_the_slow_path() {
+    let mut c = start().await;
+    c.structured().await;
+    c.go("disk").await;
+    // The whole device: data pieces, two holes, and a remote range that makes a piece in
+    // the middle fall back to the async path after earlier pieces were produced inline.
+    c.request(0, 0, 77, 0, SIZE as u32).await;
+    let chunks = c.chunks().await;
+    assert!(chunks.iter().all(|ch| ch.cookie == 77));
+    assert!(chunks
+        .iter()
+        .all(|ch| ch.kind != REPLY_TYPE_OFFSET_DATA || ch.payload.len() - 8 <= 256 * 1024));
+    let (data, holes) = assemble(&chunks, 0, SIZE);
+    assert_eq!(holes, 2);
+    assert!(data == expected(0, SIZE));
+}
+
+#[tokio::test]
+async fn large_simple_read_is_one_reply() {
+    let mut c = start().await;
+    c.go("disk").await;
+    c.request(0, 0, 78, 0, SIZE as u32).await;
+    let (err, cookie, data) = c.simple(SIZE).await;
+    assert_eq!((err, cookie), (0, 78));
+    assert!(data == expected(0, SIZE));
+}

@@ -16,7 +16,7 @@ use std::future::Future;
 use std::io;
 use std::sync::Arc;
 
-use futures::future::BoxFuture;
+use futures::future::{BoxFuture, FutureExt};
 use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
@@ -32,8 +32,12 @@ pub const MAX_INFLIGHT: usize = 128;
 pub const MAX_INFLIGHT_BYTES: usize = 128 * 1024 * 1024;
 /// Most reply bytes waiting to be written before the server stops reading requests.
 pub const MAX_UNSENT: usize = 64 * 1024 * 1024;
+/// Reply bytes after which the server writes before handling more buffered requests.
+const SOFT_UNSENT: usize = 256 * 1024;
 /// Most extents asked from the device for one BLOCK_STATUS request.
 pub const MAX_STATUS_EXTENTS: usize = 2048;
+/// Largest data chunk of a structured READ reply.
+const PIECE: usize = 256 * 1024;
 /// Most extents asked from the device to find holes in one READ.
 const MAX_READ_EXTENTS: usize = 64;
 
@@ -132,17 +136,22 @@ impl InBuf {
     }
 
     /// Read whatever the socket has; `Ok(0)` at end of stream. Cancel safe.
+    /// The buffer never grows here (only [`InBuf::reserve`] grows it), so a client cannot
+    /// make it grow by sending requests faster than they are handled; callers check
+    /// [`InBuf::has_room`] first.
     async fn fill<R: AsyncRead + Unpin>(&mut self, rd: &mut R) -> io::Result<usize> {
         if self.buf.len() - self.end < 64 * 1024 && self.start > 0 {
             self.compact();
         }
-        if self.end == self.buf.len() {
-            let len = self.buf.len() * 2;
-            self.buf.resize(len, 0);
-        }
+        debug_assert!(self.has_room());
         let n = rd.read(&mut self.buf[self.end..]).await?;
         self.end += n;
         Ok(n)
+    }
+
+    /// Whether unconsumed data leaves room to read more.
+    fn has_room(&self) -> bool {
+        self.end - self.start < self.buf.len()
     }
 
     /// Read until at least `n` bytes are buffered; `Ok(false)` at end of stream.
@@ -536,14 +545,28 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Transmission<R, W> {
         tokio::pin!(stop);
         let mut eof = false;
         loop {
-            self.handle_buffered()?;
+            // Handle buffered requests, writing replies out as soon as a good amount is
+            // ready, so the client receives while the next replies are being read.
+            while self.handle_buffered()? {
+                let unsent = self.conn.out.unsent();
+                match self.conn.wr.write(unsent).now_or_never() {
+                    Some(Ok(0)) => return Err(NbdError::Io(io::ErrorKind::WriteZero.into())),
+                    Some(Ok(n)) => self.conn.out.advance(n),
+                    Some(Err(e)) => return Err(e.into()),
+                    None => {}
+                }
+                if self.conn.out.unsent().len() >= SOFT_UNSENT {
+                    // The socket is full: wait for it below.
+                    break;
+                }
+            }
             let idle = self.pending.is_empty();
             if (self.disconnecting || eof) && idle {
                 // Best effort: the client may have closed its side already.
                 let _ = self.conn.out.flush(&mut self.conn.wr).await;
                 return Ok(());
             }
-            let can_read = !eof && self.may_take_more();
+            let can_read = !eof && self.may_take_more() && self.conn.inbuf.has_room();
             let want_write = !self.conn.out.unsent().is_empty();
             tokio::select! {
                 biased;
@@ -566,9 +589,14 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Transmission<R, W> {
         }
     }
 
-    /// Handle every complete request in the input buffer, as far as the limits allow.
-    fn handle_buffered(&mut self) -> Result<(), NbdError> {
+    /// Handle complete requests in the input buffer, as far as the limits allow. `true`
+    /// when it stopped because [`SOFT_UNSENT`] bytes of replies are waiting and more
+    /// requests may be buffered.
+    fn handle_buffered(&mut self) -> Result<bool, NbdError> {
         while self.may_take_more() {
+            if self.conn.out.unsent().len() >= SOFT_UNSENT {
+                return Ok(true);
+            }
             let data = self.conn.inbuf.data();
             if data.len() < proto::REQUEST_LEN {
                 break;
@@ -585,7 +613,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Transmission<R, W> {
             self.handle(req, start..self.conn.inbuf.start + need);
             self.conn.inbuf.consume(need);
         }
-        Ok(())
+        Ok(false)
     }
 
     fn take_buf(&mut self, len: usize) -> Vec<u8> {
@@ -678,8 +706,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Transmission<R, W> {
         }
     }
 
-    /// The parts of a READ: holes (only with structured replies and without DF) and data.
-    /// `None` means "one data part covering the whole request", the common case.
+    /// The parts of a READ: holes, and data in pieces of at most [`PIECE`] bytes (only with
+    /// structured replies and without DF). `None` means "one data part covering the whole
+    /// request", the common case of small reads.
     fn read_segments(&self, req: &Request) -> Option<Vec<Seg>> {
         if !self.neg.structured || req.flags & proto::CMD_FLAG_DF != 0 {
             return None;
@@ -688,10 +717,19 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Transmission<R, W> {
         let exts = self
             .dev
             .extents(req.offset, u64::from(req.len), MAX_READ_EXTENTS);
-        if !exts.iter().any(|e| e.kind == ExtentKind::Hole) {
+        let has_hole = exts.iter().any(|e| e.kind == ExtentKind::Hole);
+        if !has_hole && req.len as usize <= PIECE {
             return None;
         }
-        let mut segs: Vec<Seg> = Vec::with_capacity(exts.len() + 1);
+        let mut segs: Vec<Seg> = Vec::with_capacity(exts.len() + 1 + req.len as usize / PIECE);
+        let push = |segs: &mut Vec<Seg>, s: u64, t: u64, hole: bool| match segs.last_mut() {
+            Some(last) if last.hole == hole => last.len += (t - s) as u32,
+            _ => segs.push(Seg {
+                offset: s,
+                len: (t - s) as u32,
+                hole,
+            }),
+        };
         let mut pos = req.offset;
         for e in exts {
             let s = e.offset.max(pos);
@@ -700,59 +738,44 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Transmission<R, W> {
                 // Out of order or overlapping answers: ignore the rest, send it as data.
                 break;
             }
-            let hole = e.kind == ExtentKind::Hole;
-            match segs.last_mut() {
-                Some(last) if last.hole == hole => last.len += (t - s) as u32,
-                _ => segs.push(Seg {
-                    offset: s,
-                    len: (t - s) as u32,
-                    hole,
-                }),
-            }
+            push(&mut segs, s, t, e.kind == ExtentKind::Hole);
             pos = t;
         }
         if pos < end {
-            match segs.last_mut() {
-                Some(last) if !last.hole => last.len += (end - pos) as u32,
-                _ => segs.push(Seg {
-                    offset: pos,
-                    len: (end - pos) as u32,
+            push(&mut segs, pos, end, false);
+        }
+        // Split data into pieces, so each is written out while still in the CPU cache.
+        let mut out = Vec::with_capacity(segs.len() + req.len as usize / PIECE);
+        for s in segs {
+            if s.hole {
+                out.push(s);
+                continue;
+            }
+            let mut at = s.offset;
+            let end = s.offset + u64::from(s.len);
+            while at < end {
+                let n = (end - at).min(PIECE as u64);
+                out.push(Seg {
+                    offset: at,
+                    len: n as u32,
                     hole: false,
-                }),
+                });
+                at += n;
             }
         }
-        Some(segs)
+        Some(out)
     }
 
     fn read(&mut self, req: Request) {
-        let segs = self.read_segments(&req);
-        let mark = self.conn.out.mark();
-        let outcome = match &segs {
-            None => self.read_inline_whole(&req),
-            Some(segs) => self.read_inline_segments(&req, segs),
-        };
-        match outcome {
-            Some(Ok(())) => {}
-            Some(Err(e)) => {
-                self.conn.out.truncate(mark);
-                self.reply_error(&req, wire_errno(&e));
-            }
-            None => {
-                self.conn.out.truncate(mark);
-                let segs = segs.unwrap_or_else(|| {
-                    vec![Seg {
-                        offset: req.offset,
-                        len: req.len,
-                        hole: false,
-                    }]
-                });
-                self.queue_read(req, segs);
-            }
+        match self.read_segments(&req) {
+            None => self.read_whole(req),
+            Some(segs) => self.read_pieces(req, segs),
         }
     }
 
-    /// Try the whole READ inline as one data reply.
-    fn read_inline_whole(&mut self, req: &Request) -> Option<io::Result<()>> {
+    /// A READ answered by one reply (simple, or one data chunk): all inline or all queued.
+    fn read_whole(&mut self, req: Request) {
+        let mark = self.conn.out.mark();
         let out = &mut self.conn.out;
         if self.neg.structured {
             proto::encode_offset_data_header(out, true, req.cookie, req.offset, req.len);
@@ -760,36 +783,77 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Transmission<R, W> {
             proto::encode_simple_reply(out, 0, req.cookie);
         }
         let slot = out.grab(req.len as usize);
-        self.dev.try_read_nowait(req.offset, slot)
-    }
-
-    /// Try a READ with holes inline, one chunk per part.
-    fn read_inline_segments(&mut self, req: &Request, segs: &[Seg]) -> Option<io::Result<()>> {
-        let out = &mut self.conn.out;
-        for (i, s) in segs.iter().enumerate() {
-            let done = i + 1 == segs.len();
-            if s.hole {
-                proto::encode_offset_hole(out, done, req.cookie, s.offset, s.len);
-            } else {
-                proto::encode_offset_data_header(out, done, req.cookie, s.offset, s.len);
-                let slot = out.grab(s.len as usize);
-                match self.dev.try_read_nowait(s.offset, slot) {
-                    Some(Ok(())) => {}
-                    other => return other,
-                }
+        match self.dev.try_read_nowait(req.offset, slot) {
+            Some(Ok(())) => {}
+            Some(Err(e)) => {
+                self.conn.out.truncate(mark);
+                self.reply_error(&req, wire_errno(&e));
+            }
+            None => {
+                self.conn.out.truncate(mark);
+                let seg = Seg {
+                    offset: req.offset,
+                    len: req.len,
+                    hole: false,
+                };
+                self.queue_read(req, vec![seg]);
             }
         }
-        Some(Ok(()))
     }
 
+    /// A structured READ in several chunks. Chunks are written out as they are produced;
+    /// a failing piece ends the reply with an error chunk, and a piece that would block
+    /// queues the rest of the request.
+    fn read_pieces(&mut self, req: Request, segs: Vec<Seg>) {
+        for (i, s) in segs.iter().enumerate() {
+            let done = i + 1 == segs.len();
+            let out = &mut self.conn.out;
+            if s.hole {
+                proto::encode_offset_hole(out, done, req.cookie, s.offset, s.len);
+                continue;
+            }
+            // Nothing after `mark` has been written yet: writes only happen between pieces.
+            let mark = out.mark();
+            proto::encode_offset_data_header(out, done, req.cookie, s.offset, s.len);
+            let slot = out.grab(s.len as usize);
+            match self.dev.try_read_nowait(s.offset, slot) {
+                Some(Ok(())) => {}
+                Some(Err(e)) => {
+                    self.conn.out.truncate(mark);
+                    proto::encode_error_chunk(&mut self.conn.out, req.cookie, wire_errno(&e));
+                    return;
+                }
+                None => {
+                    self.conn.out.truncate(mark);
+                    self.queue_read(req, segs[i..].to_vec());
+                    return;
+                }
+            }
+            if !done && self.conn.out.unsent().len() >= SOFT_UNSENT {
+                self.try_write_now();
+            }
+        }
+    }
+
+    /// Write what the socket takes right now, without waiting. Errors show up again on the
+    /// next write, in the main loop.
+    fn try_write_now(&mut self) {
+        if let Some(Ok(n)) = self.conn.wr.write(self.conn.out.unsent()).now_or_never() {
+            self.conn.out.advance(n);
+        }
+    }
+
+    /// Queue an async read of `segs` (contiguous, the rest of `req`).
     fn queue_read(&mut self, req: Request, segs: Vec<Seg>) {
-        let buf = self.take_buf(req.len as usize);
+        let base = segs[0].offset;
+        let len = (req.offset + u64::from(req.len) - base) as usize;
+        let buf = self.take_buf(len);
         let dev = self.dev.clone();
         self.pending.push(Box::pin(async move {
             let mut buf = buf;
             let mut res = Ok(());
             for s in segs.iter().filter(|s| !s.hole) {
-                let at = (s.offset - req.offset) as usize;
+                let at = (s.offset - base) as usize;
                 res = dev.read(s.offset, &mut buf[at..at + s.len as usize]).await;
                 if res.is_err() {
                     break;
@@ -819,13 +883,14 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Transmission<R, W> {
                         self.conn.out.put(&buf);
                     }
                     Ok(()) => {
+                        let base = segs[0].offset;
                         let out = &mut self.conn.out;
                         for (i, s) in segs.iter().enumerate() {
                             let done = i + 1 == segs.len();
                             if s.hole {
                                 proto::encode_offset_hole(out, done, req.cookie, s.offset, s.len);
                             } else {
-                                let at = (s.offset - req.offset) as usize;
+                                let at = (s.offset - base) as usize;
                                 proto::encode_offset_data_header(
                                     out, done, req.cookie, s.offset, s.len,
                                 );
