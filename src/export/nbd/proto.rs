@@ -1196,6 +1196,28 @@ mod tests {
         assert_eq!(be_u32(&bs[8..12]), MAX_PAYLOAD);
     }
 
+    proptest::proptest! {
+        #[test]
+        fn parsers_never_panic(opt in 0u32..16, data in proptest::collection::vec(proptest::num::u8::ANY, 0..64)) {
+            let _ = parse_option(opt, &data);
+            if let Ok(h) = <[u8; 16]>::try_from(data.get(..16).unwrap_or(&[])) {
+                let _ = parse_option_header(&h);
+            }
+            if let Ok(b) = <[u8; REQUEST_LEN]>::try_from(data.get(..REQUEST_LEN).unwrap_or(&[])) {
+                if let Ok(r) = parse_request(&b) {
+                    proptest::prop_assert_eq!(&wire(&r)[..], &b[..]);
+                    let _ = check_request(&r, &neg(u64::from(opt) << 12));
+                }
+            }
+        }
+
+        #[test]
+        fn go_payloads_round_trip(name in "[a-z/]{0,40}", reqs in proptest::collection::vec(0u16..8, 0..8)) {
+            let parsed = parse_option(OPT_GO, &go_payload(&name, &reqs)).unwrap();
+            proptest::prop_assert_eq!(parsed, ClientOption::Go { name, requests: reqs });
+        }
+    }
+
     #[test]
     fn export_name_reply_honours_no_zeroes() {
         let mut a = Vec::new();
