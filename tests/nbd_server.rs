@@ -849,3 +849,28 @@ async fn large_simple_read_is_one_reply() {
     assert_eq!((err, cookie), (0, 78));
     assert!(data == expected(0, SIZE));
 }
+
+#[tokio::test]
+async fn tcp_listener_serves_reads() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = watch::channel(false);
+    let run = tokio::spawn(NbdServer::new(registry_with(test_device())).run_tcp(listener, rx));
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut g = [0u8; 18];
+    s.read_exact(&mut g).await.unwrap();
+    s.write_all(&3u32.to_be_bytes()).await.unwrap();
+    let mut v = b"IHAVEOPT".to_vec();
+    v.extend_from_slice(&OPT_EXPORT_NAME.to_be_bytes());
+    v.extend_from_slice(&4u32.to_be_bytes());
+    v.extend_from_slice(b"disk");
+    v.extend_from_slice(&req_bytes(0, 0, 5, 8192, 100));
+    s.write_all(&v).await.unwrap();
+    let mut r = vec![0u8; 10 + 16 + 100];
+    s.read_exact(&mut r).await.unwrap();
+    assert_eq!(be64(&r), SIZE as u64);
+    assert_eq!(be32(&r[14..]), 0);
+    assert_eq!(r[26..], expected(8192, 100)[..]);
+    tx.send(true).unwrap();
+    run.await.unwrap().unwrap();
+}

@@ -42,6 +42,8 @@ const PIECE: usize = 256 * 1024;
 const MAX_READ_EXTENTS: usize = 64;
 
 const INBUF_SIZE: usize = 256 * 1024;
+/// An idle connection keeps an output buffer up to this size for reuse.
+const OUTBUF_KEEP: usize = 16 * 1024 * 1024;
 
 /// Resolves when `shutdown` is (or becomes) true, or its sender is gone.
 pub(super) async fn wait_shutdown(mut shutdown: watch::Receiver<bool>) {
@@ -206,7 +208,7 @@ impl OutBuf {
         if self.sent == self.len {
             self.sent = 0;
             self.len = 0;
-            if self.buf.len() > MAX_UNSENT {
+            if self.buf.len() > OUTBUF_KEEP {
                 self.buf = Vec::new();
             }
         }
