@@ -63,8 +63,11 @@ impl NbdServer {
         Arc::new(NbdServer { registry })
     }
 
-    /// Accept and serve clients on `listener` until `shutdown` becomes true; then stop
-    /// accepting and close open connections. Returns once every connection has ended.
+    /// Accept and serve clients on `listener` until `shutdown` becomes true (or its sender
+    /// is dropped); then stop accepting and close open connections without waiting for
+    /// their in-flight requests. Returns once every connection task has ended. Accept
+    /// errors (e.g. out of file descriptors) are logged and retried, never returned. The
+    /// socket path is left alone.
     pub async fn run_unix(
         self: Arc<Self>,
         listener: tokio::net::UnixListener,
