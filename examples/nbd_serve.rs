@@ -2,7 +2,7 @@
 //! real-client tests of the NBD server alone (no daemon, no cache).
 //!
 //! ```text
-//! cargo run --release --example nbd_serve -- IMAGE SOCKET [--name NAME] [--mem] [--tcp ADDR]
+//! cargo run --release --example nbd_serve -- IMAGE SOCKET [--name NAME] [--mem] [--tcp ADDR] [--busy-poll-us N]
 //! ```
 //!
 //! By default reads go to the file with `preadv2(RWF_NOWAIT)` inline, falling back to a
@@ -138,10 +138,14 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let mut args = std::env::args().skip(1);
     let (mut pos, mut name, mut mem, mut tcp) = (Vec::new(), "img".to_string(), false, None);
+    let mut busy_poll_us = 0u64;
     while let Some(a) = args.next() {
         match a.as_str() {
             "--name" => name = args.next().unwrap_or_default(),
             "--mem" => mem = true,
+            "--busy-poll-us" => {
+                busy_poll_us = args.next().and_then(|v| v.parse().ok()).unwrap_or(0)
+            }
             "--tcp" => tcp = args.next(),
             _ => pos.push(a),
         }
@@ -166,7 +170,8 @@ async fn main() -> anyhow::Result<()> {
         description: format!("{image} served by nbd_serve"),
         device,
     }));
-    let server = NbdServer::new(registry);
+    let server =
+        NbdServer::with_busy_poll(registry, std::time::Duration::from_micros(busy_poll_us));
     let (tx, rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         let _ = tokio::signal::ctrl_c().await;

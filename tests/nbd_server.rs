@@ -874,3 +874,40 @@ async fn tcp_listener_serves_reads() {
     tx.send(true).unwrap();
     run.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn busy_polling_server_serves_ping_pong_and_pipelined_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nbd.sock");
+    let listener = tokio::net::UnixListener::bind(&path).unwrap();
+    let (tx, rx) = watch::channel(false);
+    let server = NbdServer::with_busy_poll(registry_with(test_device()), Duration::from_micros(50));
+    let run = tokio::spawn(server.run_unix(listener, rx));
+    let mut c = Client {
+        s: UnixStream::connect(&path).await.unwrap(),
+    };
+    c.greet().await;
+    c.go("disk").await;
+    for i in 0..200u64 {
+        let off = (i * 4099) % (SIZE as u64 - 512);
+        c.request(0, 0, i, off, 512).await;
+        let (err, cookie, data) = c.simple(512).await;
+        assert_eq!((err, cookie), (0, i));
+        assert_eq!(data, expected(off as usize, 512));
+    }
+    let mut v = Vec::new();
+    for i in 0..64u64 {
+        v.extend_from_slice(&req_bytes(0, 0, i, i * 512, 512));
+    }
+    c.s.write_all(&v).await.unwrap();
+    let mut seen = 0u64;
+    for _ in 0..64 {
+        let (err, cookie, data) = c.simple(512).await;
+        assert_eq!(err, 0);
+        assert_eq!(data, expected(cookie as usize * 512, 512));
+        seen |= 1 << cookie;
+    }
+    assert_eq!(seen, u64::MAX);
+    tx.send(true).unwrap();
+    run.await.unwrap().unwrap();
+}
