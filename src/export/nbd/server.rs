@@ -1,0 +1,1030 @@
+//! One NBD connection: handshake, then the transmission loop.
+//!
+//! A connection is one tokio task that owns both halves of the socket ([`Conn`]). Requests
+//! are read through a large input buffer and handled as many at a time as are buffered.
+//! A READ is first tried inline with [`BlockDevice::try_read_nowait`], straight into the
+//! output buffer; only when that would block is the async [`BlockDevice::read`] queued in a
+//! `FuturesUnordered` polled by the same task. Replies are appended to one output buffer and
+//! written with as few `write` calls as possible, in completion order.
+//!
+//! Invariants: the output buffer only ever holds complete replies, so a reply that fails
+//! half-way is rolled back by truncating to where it started; at most [`MAX_INFLIGHT`]
+//! queued requests and [`MAX_INFLIGHT_BYTES`] of their buffers exist per connection, and
+//! no new request is read while either limit or [`MAX_UNSENT`] is reached.
+
+use std::future::Future;
+use std::io;
+use std::os::fd::RawFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::{BoxFuture, FutureExt};
+use futures::stream::{FuturesUnordered, StreamExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
+
+use super::proto::{self, ClientOption, Command, MetaContext, Negotiated, Request, Sink};
+use super::NbdError;
+use crate::device::{errno_of, BlockDevice, ExtentKind, Residency};
+use crate::export::{Export, ExportRegistry};
+
+/// Most requests queued (waiting on the device) per connection.
+pub const MAX_INFLIGHT: usize = 128;
+/// Most bytes of buffers held by queued requests per connection.
+pub const MAX_INFLIGHT_BYTES: usize = 128 * 1024 * 1024;
+/// Most reply bytes waiting to be written before the server stops reading requests.
+pub const MAX_UNSENT: usize = 64 * 1024 * 1024;
+/// Reply bytes after which the server writes before handling more buffered requests.
+const SOFT_UNSENT: usize = 256 * 1024;
+/// Most extents asked from the device for one BLOCK_STATUS request.
+pub const MAX_STATUS_EXTENTS: usize = 2048;
+/// Spinning is only worth it after batches of replies up to this size.
+const SPIN_MAX_BATCH: u64 = 256 * 1024;
+/// Largest data chunk of a structured READ reply.
+const PIECE: usize = 256 * 1024;
+/// Most extents asked from the device to find holes in one READ.
+const MAX_READ_EXTENTS: usize = 64;
+
+const INBUF_SIZE: usize = 256 * 1024;
+/// An idle connection keeps an output buffer up to this size for reuse.
+const OUTBUF_KEEP: usize = 16 * 1024 * 1024;
+
+/// Resolves when `shutdown` is (or becomes) true, or its sender is gone.
+pub(super) async fn wait_shutdown(mut shutdown: watch::Receiver<bool>) {
+    loop {
+        if *shutdown.borrow_and_update() {
+            return;
+        }
+        if shutdown.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Serve one client on `rd`/`wr` until it disconnects, misbehaves or `shutdown` fires.
+///
+/// `spin`, when given, is the socket's fd and a duration: after answering a small batch,
+/// the connection polls the fd that long before sleeping, which saves a sleep and wake-up
+/// per batch for a client in a tight request loop. The fd must stay open while `rd` lives.
+pub(super) async fn serve<R, W>(
+    registry: &dyn ExportRegistry,
+    rd: R,
+    wr: W,
+    shutdown: watch::Receiver<bool>,
+    spin: Option<(RawFd, Duration)>,
+) -> Result<(), NbdError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let stop = wait_shutdown(shutdown);
+    tokio::pin!(stop);
+    let mut conn = Conn {
+        rd,
+        wr,
+        inbuf: InBuf::new(),
+        out: OutBuf::default(),
+    };
+    let session = tokio::select! {
+        r = conn.handshake(registry) => r?,
+        _ = &mut stop => return Ok(()),
+    };
+    let Some(session) = session else {
+        return Ok(());
+    };
+    tracing::debug!(export = %session.export.name, "nbd: transmission phase");
+    let mut t = Transmission::new(conn, session);
+    t.spin = spin;
+    t.run(stop).await
+}
+
+// ---- Buffers ------------------------------------------------------------------------------
+
+/// Bytes read from the client and not yet consumed: `buf[start..end]`.
+struct InBuf {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl InBuf {
+    fn new() -> InBuf {
+        InBuf {
+            buf: vec![0; INBUF_SIZE],
+            start: 0,
+            end: 0,
+        }
+    }
+
+    fn data(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.start += n;
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+            if self.buf.len() > 4 * INBUF_SIZE {
+                // A large WRITE grew the buffer; give the memory back.
+                self.buf = vec![0; INBUF_SIZE];
+            }
+        }
+    }
+
+    /// Make room for `need` contiguous bytes starting at `start`.
+    fn reserve(&mut self, need: usize) {
+        if self.buf.len() - self.start < need {
+            self.compact();
+            if self.buf.len() < need {
+                self.buf.resize(need, 0);
+            }
+        }
+    }
+
+    fn compact(&mut self) {
+        self.buf.copy_within(self.start..self.end, 0);
+        self.end -= self.start;
+        self.start = 0;
+    }
+
+    /// Read whatever the socket has; `Ok(0)` at end of stream. Cancel safe.
+    /// The buffer never grows here (only [`InBuf::reserve`] grows it), so a client cannot
+    /// make it grow by sending requests faster than they are handled; callers check
+    /// [`InBuf::has_room`] first.
+    async fn fill<R: AsyncRead + Unpin>(&mut self, rd: &mut R) -> io::Result<usize> {
+        if self.buf.len() - self.end < 64 * 1024 && self.start > 0 {
+            self.compact();
+        }
+        debug_assert!(self.has_room());
+        let n = rd.read(&mut self.buf[self.end..]).await?;
+        self.end += n;
+        Ok(n)
+    }
+
+    /// Whether unconsumed data leaves room to read more.
+    fn has_room(&self) -> bool {
+        self.end - self.start < self.buf.len()
+    }
+
+    /// Read until at least `n` bytes are buffered; `Ok(false)` at end of stream.
+    async fn fill_to<R: AsyncRead + Unpin>(&mut self, rd: &mut R, n: usize) -> io::Result<bool> {
+        self.reserve(n);
+        while self.end - self.start < n {
+            if self.fill(rd).await? == 0 {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// Replies waiting to be written: `buf[sent..len]`. `buf` stays initialised up to its
+/// length, so reads can land in it without zeroing it first.
+#[derive(Default)]
+struct OutBuf {
+    buf: Vec<u8>,
+    len: usize,
+    sent: usize,
+    /// Bytes written over the connection's life.
+    total_sent: u64,
+}
+
+impl OutBuf {
+    /// Append `n` bytes (with stale contents) and return them to be filled.
+    fn grab(&mut self, n: usize) -> &mut [u8] {
+        let end = self.len + n;
+        if end > self.buf.len() {
+            let want = end.max(self.buf.len() * 2).max(64 * 1024);
+            self.buf.resize(want, 0);
+        }
+        let start = self.len;
+        self.len = end;
+        &mut self.buf[start..end]
+    }
+
+    fn mark(&self) -> usize {
+        self.len
+    }
+
+    fn truncate(&mut self, mark: usize) {
+        debug_assert!(mark >= self.sent);
+        self.len = mark;
+    }
+
+    fn unsent(&self) -> &[u8] {
+        &self.buf[self.sent..self.len]
+    }
+
+    fn advance(&mut self, n: usize) {
+        self.total_sent += n as u64;
+        self.sent += n;
+        if self.sent == self.len {
+            self.sent = 0;
+            self.len = 0;
+            if self.buf.len() > OUTBUF_KEEP {
+                self.buf = Vec::new();
+            }
+        }
+    }
+
+    async fn flush<W: AsyncWrite + Unpin>(&mut self, wr: &mut W) -> io::Result<()> {
+        while !self.unsent().is_empty() {
+            let n = wr.write(self.unsent()).await?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            self.advance(n);
+        }
+        wr.flush().await
+    }
+}
+
+impl Sink for OutBuf {
+    fn put(&mut self, bytes: &[u8]) {
+        self.grab(bytes.len()).copy_from_slice(bytes);
+    }
+}
+
+// ---- Handshake ----------------------------------------------------------------------------
+
+struct Conn<R, W> {
+    rd: R,
+    wr: W,
+    inbuf: InBuf,
+    out: OutBuf,
+}
+
+/// The result of a successful handshake.
+struct Session {
+    export: Export,
+    structured: bool,
+    contexts: Vec<MetaContext>,
+}
+
+/// Handshake state between options.
+#[derive(Default)]
+struct Haggle {
+    no_zeroes: bool,
+    structured: bool,
+    /// Contexts selected by the last SET_META_CONTEXT, and for which export.
+    contexts: Vec<MetaContext>,
+    contexts_export: Option<String>,
+}
+
+impl Haggle {
+    fn finish(self, export: Export) -> Session {
+        let contexts = if self.contexts_export.as_deref() == Some(export.name.as_str()) {
+            self.contexts
+        } else {
+            Vec::new()
+        };
+        Session {
+            export,
+            structured: self.structured,
+            contexts,
+        }
+    }
+}
+
+/// The transmission flags for `device`.
+pub(super) fn transmission_flags(device: &dyn BlockDevice, structured: bool) -> u16 {
+    let mut f = proto::TFLAG_HAS_FLAGS | proto::TFLAG_SEND_CACHE;
+    if structured {
+        f |= proto::TFLAG_SEND_DF;
+    }
+    if device.writable().is_some() {
+        f |= proto::TFLAG_SEND_FLUSH
+            | proto::TFLAG_SEND_FUA
+            | proto::TFLAG_SEND_TRIM
+            | proto::TFLAG_SEND_WRITE_ZEROES
+            | proto::TFLAG_SEND_FAST_ZERO;
+    } else {
+        f |= proto::TFLAG_READ_ONLY | proto::TFLAG_CAN_MULTI_CONN;
+    }
+    f
+}
+
+impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
+    async fn read_exact_buffered(&mut self, n: usize) -> Result<Option<&[u8]>, NbdError> {
+        if !self.inbuf.fill_to(&mut self.rd, n).await? {
+            return Ok(None);
+        }
+        let s = self.inbuf.start;
+        self.inbuf.consume_keep(n);
+        Ok(Some(&self.inbuf.buf[s..s + n]))
+    }
+
+    async fn send(&mut self) -> Result<(), NbdError> {
+        self.out.flush(&mut self.wr).await?;
+        Ok(())
+    }
+
+    fn reply(&mut self, option: u32, reply: u32, data: &[u8]) {
+        let mut v = Vec::with_capacity(20 + data.len());
+        proto::encode_option_reply(&mut v, option, reply, data);
+        self.out.put(&v);
+    }
+
+    /// Run option haggling; `None` when the session ends without a transmission phase.
+    async fn handshake(
+        &mut self,
+        registry: &dyn ExportRegistry,
+    ) -> Result<Option<Session>, NbdError> {
+        let mut v = Vec::new();
+        proto::encode_greeting(&mut v);
+        self.out.put(&v);
+        self.send().await?;
+
+        let Some(b) = self.read_exact_buffered(4).await? else {
+            return Ok(None);
+        };
+        let flags = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+        let client = proto::parse_client_flags(flags)?;
+        let mut st = Haggle {
+            no_zeroes: client.no_zeroes,
+            ..Haggle::default()
+        };
+
+        loop {
+            let Some(h) = self.read_exact_buffered(16).await? else {
+                return Ok(None);
+            };
+            let mut hb = [0u8; 16];
+            hb.copy_from_slice(h);
+            let header = proto::parse_option_header(&hb)?;
+            let Some(data) = self.read_exact_buffered(header.len as usize).await? else {
+                return Ok(None);
+            };
+            let parsed = proto::parse_option(header.option, data);
+            self.inbuf.settle();
+            let opt = header.option;
+            let option = match parsed {
+                Ok(o) => o,
+                Err(e) if opt == proto::OPT_EXPORT_NAME => return Err(e.into()),
+                Err(e) => {
+                    tracing::debug!(option = opt, error = %e, "nbd: malformed option");
+                    self.reply(opt, proto::REP_ERR_INVALID, b"malformed option payload");
+                    self.send().await?;
+                    continue;
+                }
+            };
+            match option {
+                ClientOption::ExportName(name) => {
+                    let Some(export) = registry.open(&name) else {
+                        tracing::debug!(export = %name, "nbd: unknown export, closing");
+                        return Ok(None);
+                    };
+                    let flags = transmission_flags(&*export.device, st.structured);
+                    let mut v = Vec::new();
+                    proto::encode_export_name_reply(
+                        &mut v,
+                        export.device.size(),
+                        flags,
+                        st.no_zeroes,
+                    );
+                    self.out.put(&v);
+                    self.send().await?;
+                    return Ok(Some(st.finish(export)));
+                }
+                ClientOption::Abort => {
+                    self.reply(opt, proto::REP_ACK, &[]);
+                    // The client may already be gone; that is fine.
+                    let _ = self.send().await;
+                    return Ok(None);
+                }
+                ClientOption::List => {
+                    let mut v = Vec::new();
+                    for e in registry.list() {
+                        proto::encode_rep_server(&mut v, &e.name, &e.description);
+                    }
+                    self.out.put(&v);
+                    self.reply(opt, proto::REP_ACK, &[]);
+                }
+                ClientOption::StartTls => {
+                    self.reply(opt, proto::REP_ERR_POLICY, b"TLS is not supported");
+                }
+                ClientOption::Info { name, .. } | ClientOption::Go { name, .. } => {
+                    let Some(export) = registry.open(&name) else {
+                        self.reply(opt, proto::REP_ERR_UNKNOWN, b"no such export");
+                        self.send().await?;
+                        continue;
+                    };
+                    let info = proto::ExportInfo {
+                        name: &export.name,
+                        description: &export.description,
+                        size: export.device.size(),
+                        flags: transmission_flags(&*export.device, st.structured),
+                    };
+                    let mut v = Vec::new();
+                    proto::encode_info_replies(&mut v, opt, &info);
+                    proto::encode_option_reply(&mut v, opt, proto::REP_ACK, &[]);
+                    self.out.put(&v);
+                    self.send().await?;
+                    if opt == proto::OPT_GO {
+                        return Ok(Some(st.finish(export)));
+                    }
+                    continue;
+                }
+                ClientOption::StructuredReply => {
+                    st.structured = true;
+                    self.reply(opt, proto::REP_ACK, &[]);
+                }
+                ClientOption::ListMetaContext { name, queries }
+                | ClientOption::SetMetaContext { name, queries } => {
+                    let list = opt == proto::OPT_LIST_META_CONTEXT;
+                    if !st.structured {
+                        self.reply(opt, proto::REP_ERR_INVALID, b"structured replies first");
+                    } else if registry.open(&name).is_none() {
+                        self.reply(opt, proto::REP_ERR_UNKNOWN, b"no such export");
+                    } else {
+                        let selected = proto::select_contexts(&queries, list);
+                        let mut v = Vec::new();
+                        for ctx in &selected {
+                            let id = if list { 0 } else { ctx.id() };
+                            proto::encode_rep_meta_context(&mut v, opt, id, ctx.name());
+                        }
+                        proto::encode_option_reply(&mut v, opt, proto::REP_ACK, &[]);
+                        self.out.put(&v);
+                        if !list {
+                            st.contexts = selected;
+                            st.contexts_export = Some(name);
+                        }
+                    }
+                }
+                ClientOption::Unsupported(_) => {
+                    self.reply(opt, proto::REP_ERR_UNSUP, &[]);
+                }
+            }
+            self.send().await?;
+        }
+    }
+}
+
+impl InBuf {
+    /// Consume `n` bytes but keep them in place until [`InBuf::settle`] (so a borrowed
+    /// slice of them stays valid).
+    fn consume_keep(&mut self, n: usize) {
+        self.start += n;
+    }
+
+    /// Reset the buffer when everything has been consumed.
+    fn settle(&mut self) {
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+}
+
+// ---- Transmission -------------------------------------------------------------------------
+
+/// A contiguous part of a READ: data to send, or a hole.
+#[derive(Debug, Clone, Copy)]
+struct Seg {
+    offset: u64,
+    len: u32,
+    hole: bool,
+}
+
+/// A queued request's result.
+enum Done {
+    Read {
+        req: Request,
+        segs: Vec<Seg>,
+        buf: Vec<u8>,
+        res: io::Result<()>,
+    },
+    /// Commands whose reply has no payload (a simple reply).
+    Plain {
+        cookie: u64,
+        buf: Vec<u8>,
+        res: io::Result<()>,
+    },
+}
+
+struct Transmission<R, W> {
+    conn: Conn<R, W>,
+    dev: Arc<dyn BlockDevice>,
+    neg: Negotiated,
+    contexts: Vec<MetaContext>,
+    pending: FuturesUnordered<BoxFuture<'static, Done>>,
+    pending_bytes: usize,
+    /// Spare buffers for queued requests.
+    pool: Vec<Vec<u8>>,
+    /// A DISC was received: read nothing more, finish what is queued, close.
+    disconnecting: bool,
+    /// See [`serve`].
+    spin: Option<(RawFd, Duration)>,
+}
+
+fn wire_errno(err: &io::Error) -> u32 {
+    match errno_of(err) {
+        libc::EPERM => proto::EPERM,
+        libc::EINVAL => proto::EINVAL,
+        libc::ENOSPC => proto::ENOSPC,
+        libc::ENOMEM => proto::ENOMEM,
+        libc::EOVERFLOW => proto::EOVERFLOW,
+        libc::ENOTSUP => proto::ENOTSUP,
+        libc::ESHUTDOWN => proto::ESHUTDOWN,
+        _ => proto::EIO,
+    }
+}
+
+impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Transmission<R, W> {
+    fn new(conn: Conn<R, W>, session: Session) -> Self {
+        let dev = session.export.device.clone();
+        let neg = Negotiated {
+            size: dev.size(),
+            writable: dev.writable().is_some(),
+            structured: session.structured,
+            block_status: !session.contexts.is_empty(),
+        };
+        Transmission {
+            conn,
+            dev,
+            neg,
+            contexts: session.contexts,
+            pending: FuturesUnordered::new(),
+            pending_bytes: 0,
+            pool: Vec::new(),
+            disconnecting: false,
+            spin: None,
+        }
+    }
+
+    fn may_take_more(&self) -> bool {
+        !self.disconnecting
+            && self.pending.len() < MAX_INFLIGHT
+            && self.pending_bytes < MAX_INFLIGHT_BYTES
+            && self.conn.out.unsent().len() < MAX_UNSENT
+    }
+
+    async fn run(mut self, stop: impl Future<Output = ()>) -> Result<(), NbdError> {
+        tokio::pin!(stop);
+        let mut eof = false;
+        let mut spun_at = 0u64;
+        loop {
+            // Handle buffered requests, writing replies out as soon as a good amount is
+            // ready, so the client receives while the next replies are being read.
+            while self.handle_buffered()? {
+                let unsent = self.conn.out.unsent();
+                match self.conn.wr.write(unsent).now_or_never() {
+                    Some(Ok(0)) => return Err(NbdError::Io(io::ErrorKind::WriteZero.into())),
+                    Some(Ok(n)) => self.conn.out.advance(n),
+                    Some(Err(e)) => return Err(e.into()),
+                    None => {}
+                }
+                if self.conn.out.unsent().len() >= SOFT_UNSENT {
+                    // The socket is full: wait for it below.
+                    break;
+                }
+            }
+            let idle = self.pending.is_empty();
+            if (self.disconnecting || eof) && idle {
+                // Best effort: the client may have closed its side already.
+                let _ = self.conn.out.flush(&mut self.conn.wr).await;
+                return Ok(());
+            }
+            let can_read = !eof && self.may_take_more() && self.conn.inbuf.has_room();
+            let want_write = !self.conn.out.unsent().is_empty();
+            if can_read && !want_write && idle {
+                // Spin only after small batches (small-request ping-pong); after large
+                // replies the client is busy copying and the CPU is better left to it.
+                let batch = self.conn.out.total_sent - spun_at;
+                spun_at = self.conn.out.total_sent;
+                if batch <= SPIN_MAX_BATCH && self.spin_for_input()? {
+                    continue;
+                }
+            }
+            tokio::select! {
+                biased;
+                _ = &mut stop => return Ok(()),
+                Some(done) = self.pending.next(), if !idle => self.complete(done),
+                r = self.conn.wr.write(&self.conn.out.buf[self.conn.out.sent..self.conn.out.len]),
+                    if want_write => {
+                    let n = r?;
+                    if n == 0 {
+                        return Err(NbdError::Io(io::ErrorKind::WriteZero.into()));
+                    }
+                    self.conn.out.advance(n);
+                }
+                r = self.conn.inbuf.fill(&mut self.conn.rd), if can_read => {
+                    if r? == 0 {
+                        eof = true;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Poll the socket for new requests for up to the spin duration; `true` if something
+    /// was read.
+    fn spin_for_input(&mut self) -> Result<bool, NbdError> {
+        let Some((fd, spin)) = self.spin else {
+            return Ok(false);
+        };
+        let inb = &mut self.conn.inbuf;
+        if inb.buf.len() - inb.end < 64 * 1024 && inb.start > 0 {
+            inb.compact();
+        }
+        let start = std::time::Instant::now();
+        loop {
+            let room = &mut inb.buf[inb.end..];
+            // SAFETY: `room` is valid for writes of `room.len()` bytes; `fd` is the open
+            // socket owned by this connection (see `serve`). MSG_DONTWAIT never blocks.
+            let n =
+                unsafe { libc::recv(fd, room.as_mut_ptr().cast(), room.len(), libc::MSG_DONTWAIT) };
+            if n > 0 {
+                inb.end += n as usize;
+                return Ok(true);
+            }
+            if n == 0 {
+                return Ok(false);
+            }
+            let err = io::Error::last_os_error();
+            match err.raw_os_error() {
+                Some(libc::EAGAIN) | Some(libc::EINTR) => {}
+                _ => return Err(err.into()),
+            }
+            if start.elapsed() >= spin {
+                return Ok(false);
+            }
+            std::hint::spin_loop();
+        }
+    }
+
+    /// Handle complete requests in the input buffer, as far as the limits allow. `true`
+    /// when it stopped because [`SOFT_UNSENT`] bytes of replies are waiting and more
+    /// requests may be buffered.
+    fn handle_buffered(&mut self) -> Result<bool, NbdError> {
+        while self.may_take_more() {
+            if self.conn.out.unsent().len() >= SOFT_UNSENT {
+                return Ok(true);
+            }
+            let data = self.conn.inbuf.data();
+            if data.len() < proto::REQUEST_LEN {
+                break;
+            }
+            let mut hb = [0u8; proto::REQUEST_LEN];
+            hb.copy_from_slice(&data[..proto::REQUEST_LEN]);
+            let req = proto::parse_request(&hb)?;
+            let need = proto::REQUEST_LEN + req.payload_len();
+            if data.len() < need {
+                self.conn.inbuf.reserve(need);
+                break;
+            }
+            let start = self.conn.inbuf.start + proto::REQUEST_LEN;
+            self.handle(req, start..self.conn.inbuf.start + need);
+            self.conn.inbuf.consume(need);
+        }
+        Ok(false)
+    }
+
+    fn take_buf(&mut self, len: usize) -> Vec<u8> {
+        let mut b = self.pool.pop().unwrap_or_default();
+        b.resize(len, 0);
+        self.pending_bytes += len;
+        b
+    }
+
+    fn put_buf(&mut self, mut buf: Vec<u8>) {
+        self.pending_bytes -= buf.len();
+        if self.pool.len() < 16 && buf.capacity() <= 4 * 1024 * 1024 {
+            buf.clear();
+            self.pool.push(buf);
+        }
+    }
+
+    fn reply_error(&mut self, req: &Request, errno: u32) {
+        if req.command == Command::Read && self.neg.structured {
+            proto::encode_error_chunk(&mut self.conn.out, req.cookie, errno);
+        } else {
+            proto::encode_simple_reply(&mut self.conn.out, errno, req.cookie);
+        }
+    }
+
+    /// Handle one request whose payload is `inbuf.buf[payload]`.
+    fn handle(&mut self, req: Request, payload: std::ops::Range<usize>) {
+        if req.command == Command::Disc {
+            self.disconnecting = true;
+            return;
+        }
+        if let Err(errno) = proto::check_request(&req, &self.neg) {
+            self.reply_error(&req, errno);
+            return;
+        }
+        let fua = req.flags & proto::CMD_FLAG_FUA != 0;
+        let (offset, len) = (req.offset, u64::from(req.len));
+        match req.command {
+            Command::Read => self.read(req),
+            Command::BlockStatus => self.block_status(req),
+            Command::Cache => {
+                let dev = self.dev.clone();
+                self.pending.push(Box::pin(async move {
+                    let res = dev.cache(offset, len).await;
+                    Done::Plain {
+                        cookie: req.cookie,
+                        buf: Vec::new(),
+                        res,
+                    }
+                }));
+            }
+            Command::Write => {
+                let mut buf = self.take_buf(0);
+                buf.extend_from_slice(&self.conn.inbuf.buf[payload]);
+                self.pending_bytes += buf.len();
+                let dev = self.dev.clone();
+                self.pending.push(Box::pin(async move {
+                    let res = match dev.writable() {
+                        Some(w) => w.write(offset, &buf, fua).await,
+                        None => Err(crate::device::errno_error(libc::EPERM)),
+                    };
+                    Done::Plain {
+                        cookie: req.cookie,
+                        buf,
+                        res,
+                    }
+                }));
+            }
+            Command::Flush | Command::Trim | Command::WriteZeroes => {
+                let dev = self.dev.clone();
+                let may_punch = req.flags & proto::CMD_FLAG_NO_HOLE == 0;
+                self.pending.push(Box::pin(async move {
+                    let res = match dev.writable() {
+                        Some(w) => match req.command {
+                            Command::Flush => w.flush().await,
+                            Command::Trim => w.trim(offset, len, fua).await,
+                            _ => w.write_zeroes(offset, len, may_punch, fua).await,
+                        },
+                        None => Err(crate::device::errno_error(libc::EPERM)),
+                    };
+                    Done::Plain {
+                        cookie: req.cookie,
+                        buf: Vec::new(),
+                        res,
+                    }
+                }));
+            }
+            // Rejected by check_request / handled above.
+            Command::Disc | Command::Unknown(_) => self.reply_error(&req, proto::EINVAL),
+        }
+    }
+
+    /// The parts of a READ: holes, and data in pieces of at most [`PIECE`] bytes (only with
+    /// structured replies and without DF). `None` means "one data part covering the whole
+    /// request", the common case of small reads.
+    fn read_segments(&self, req: &Request) -> Option<Vec<Seg>> {
+        if !self.neg.structured || req.flags & proto::CMD_FLAG_DF != 0 {
+            return None;
+        }
+        let end = req.offset + u64::from(req.len);
+        let exts = self
+            .dev
+            .extents(req.offset, u64::from(req.len), MAX_READ_EXTENTS);
+        let has_hole = exts.iter().any(|e| e.kind == ExtentKind::Hole);
+        if !has_hole && req.len as usize <= PIECE {
+            return None;
+        }
+        let mut segs: Vec<Seg> = Vec::with_capacity(exts.len() + 1 + req.len as usize / PIECE);
+        let push = |segs: &mut Vec<Seg>, s: u64, t: u64, hole: bool| match segs.last_mut() {
+            Some(last) if last.hole == hole => last.len += (t - s) as u32,
+            _ => segs.push(Seg {
+                offset: s,
+                len: (t - s) as u32,
+                hole,
+            }),
+        };
+        let mut pos = req.offset;
+        for e in exts {
+            let s = e.offset.max(pos);
+            let t = e.offset.saturating_add(e.len).min(end);
+            if s >= t || s != pos {
+                // Out of order or overlapping answers: ignore the rest, send it as data.
+                break;
+            }
+            push(&mut segs, s, t, e.kind == ExtentKind::Hole);
+            pos = t;
+        }
+        if pos < end {
+            push(&mut segs, pos, end, false);
+        }
+        // Split data into pieces, so each is written out while still in the CPU cache.
+        let mut out = Vec::with_capacity(segs.len() + req.len as usize / PIECE);
+        for s in segs {
+            if s.hole {
+                out.push(s);
+                continue;
+            }
+            let mut at = s.offset;
+            let end = s.offset + u64::from(s.len);
+            while at < end {
+                let n = (end - at).min(PIECE as u64);
+                out.push(Seg {
+                    offset: at,
+                    len: n as u32,
+                    hole: false,
+                });
+                at += n;
+            }
+        }
+        Some(out)
+    }
+
+    fn read(&mut self, req: Request) {
+        match self.read_segments(&req) {
+            None => self.read_whole(req),
+            Some(segs) => self.read_pieces(req, segs),
+        }
+    }
+
+    /// A READ answered by one reply (simple, or one data chunk): all inline or all queued.
+    fn read_whole(&mut self, req: Request) {
+        let mark = self.conn.out.mark();
+        let out = &mut self.conn.out;
+        if self.neg.structured {
+            proto::encode_offset_data_header(out, true, req.cookie, req.offset, req.len);
+        } else {
+            proto::encode_simple_reply(out, 0, req.cookie);
+        }
+        let slot = out.grab(req.len as usize);
+        match self.dev.try_read_nowait(req.offset, slot) {
+            Some(Ok(())) => {}
+            Some(Err(e)) => {
+                self.conn.out.truncate(mark);
+                self.reply_error(&req, wire_errno(&e));
+            }
+            None => {
+                self.conn.out.truncate(mark);
+                let seg = Seg {
+                    offset: req.offset,
+                    len: req.len,
+                    hole: false,
+                };
+                self.queue_read(req, vec![seg]);
+            }
+        }
+    }
+
+    /// A structured READ in several chunks. Chunks are written out as they are produced;
+    /// a failing piece ends the reply with an error chunk, and a piece that would block
+    /// queues the rest of the request.
+    fn read_pieces(&mut self, req: Request, segs: Vec<Seg>) {
+        for (i, s) in segs.iter().enumerate() {
+            let done = i + 1 == segs.len();
+            let out = &mut self.conn.out;
+            if s.hole {
+                proto::encode_offset_hole(out, done, req.cookie, s.offset, s.len);
+                continue;
+            }
+            // Nothing after `mark` has been written yet: writes only happen between pieces.
+            let mark = out.mark();
+            proto::encode_offset_data_header(out, done, req.cookie, s.offset, s.len);
+            let slot = out.grab(s.len as usize);
+            match self.dev.try_read_nowait(s.offset, slot) {
+                Some(Ok(())) => {}
+                Some(Err(e)) => {
+                    self.conn.out.truncate(mark);
+                    proto::encode_error_chunk(&mut self.conn.out, req.cookie, wire_errno(&e));
+                    return;
+                }
+                None => {
+                    self.conn.out.truncate(mark);
+                    self.queue_read(req, segs[i..].to_vec());
+                    return;
+                }
+            }
+            if !done && self.conn.out.unsent().len() >= SOFT_UNSENT {
+                self.try_write_now();
+            }
+        }
+    }
+
+    /// Write what the socket takes right now, without waiting. Errors show up again on the
+    /// next write, in the main loop.
+    fn try_write_now(&mut self) {
+        if let Some(Ok(n)) = self.conn.wr.write(self.conn.out.unsent()).now_or_never() {
+            self.conn.out.advance(n);
+        }
+    }
+
+    /// Queue an async read of `segs` (contiguous, the rest of `req`).
+    fn queue_read(&mut self, req: Request, segs: Vec<Seg>) {
+        let base = segs[0].offset;
+        let len = (req.offset + u64::from(req.len) - base) as usize;
+        let buf = self.take_buf(len);
+        let dev = self.dev.clone();
+        self.pending.push(Box::pin(async move {
+            let mut buf = buf;
+            let mut res = Ok(());
+            for s in segs.iter().filter(|s| !s.hole) {
+                let at = (s.offset - base) as usize;
+                res = dev.read(s.offset, &mut buf[at..at + s.len as usize]).await;
+                if res.is_err() {
+                    break;
+                }
+            }
+            Done::Read {
+                req,
+                segs,
+                buf,
+                res,
+            }
+        }));
+    }
+
+    fn complete(&mut self, done: Done) {
+        match done {
+            Done::Read {
+                req,
+                segs,
+                buf,
+                res,
+            } => {
+                match res {
+                    Err(e) => self.reply_error(&req, wire_errno(&e)),
+                    Ok(()) if !self.neg.structured => {
+                        proto::encode_simple_reply(&mut self.conn.out, 0, req.cookie);
+                        self.conn.out.put(&buf);
+                    }
+                    Ok(()) => {
+                        let base = segs[0].offset;
+                        let out = &mut self.conn.out;
+                        for (i, s) in segs.iter().enumerate() {
+                            let done = i + 1 == segs.len();
+                            if s.hole {
+                                proto::encode_offset_hole(out, done, req.cookie, s.offset, s.len);
+                            } else {
+                                let at = (s.offset - base) as usize;
+                                proto::encode_offset_data_header(
+                                    out, done, req.cookie, s.offset, s.len,
+                                );
+                                out.put(&buf[at..at + s.len as usize]);
+                            }
+                        }
+                    }
+                }
+                self.put_buf(buf);
+            }
+            Done::Plain { cookie, buf, res } => {
+                let errno = match &res {
+                    Ok(()) => 0,
+                    Err(e) => wire_errno(e),
+                };
+                proto::encode_simple_reply(&mut self.conn.out, errno, cookie);
+                self.put_buf(buf);
+            }
+        }
+    }
+
+    fn block_status(&mut self, req: Request) {
+        let req_one = req.flags & proto::CMD_FLAG_REQ_ONE != 0;
+        let max = if req_one { 1 } else { MAX_STATUS_EXTENTS };
+        let end = req.offset + u64::from(req.len);
+        let exts = self.dev.extents(req.offset, u64::from(req.len), max);
+        let mut descs: Vec<(u32, u32)> = Vec::with_capacity(exts.len().max(1));
+        let n = self.contexts.len();
+        for i in 0..n {
+            let ctx = self.contexts[i];
+            descs.clear();
+            let mut pos = req.offset;
+            for e in &exts {
+                let s = e.offset.max(pos);
+                let t = e.offset.saturating_add(e.len).min(end);
+                if s >= t || s != pos {
+                    break;
+                }
+                let flags = match ctx {
+                    MetaContext::BaseAllocation => match e.kind {
+                        ExtentKind::Hole => proto::STATE_HOLE | proto::STATE_ZERO,
+                        ExtentKind::Data => 0,
+                    },
+                    MetaContext::Residency => match e.residency {
+                        Residency::Remote => proto::STATE_REMOTE,
+                        Residency::Local => 0,
+                    },
+                };
+                let len = (t - s) as u32;
+                match descs.last_mut() {
+                    Some(last) if last.1 == flags => last.0 += len,
+                    _ => descs.push((len, flags)),
+                }
+                pos = t;
+            }
+            if descs.is_empty() {
+                // The device said nothing usable: "allocated, local" is always safe.
+                descs.push((req.len, 0));
+            }
+            if req_one {
+                descs.truncate(1);
+            }
+            proto::encode_block_status(
+                &mut self.conn.out,
+                i + 1 == n,
+                req.cookie,
+                ctx.id(),
+                &descs,
+            );
+        }
+    }
+}
