@@ -93,6 +93,22 @@ pub fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
     }
 }
 
+/// Whether `file` lives on a memory file system (tmpfs, ramfs), where a read never waits for a
+/// device. Such file systems may not support `RWF_NOWAIT`, yet blocking reads of them are
+/// as fast as non-blocking ones.
+pub fn is_memory_backed(file: &File) -> bool {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    // SAFETY: all-zero bytes are a valid `statfs` (plain integers).
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatfs writes into `st`, a valid, exclusively borrowed struct; the fd is open.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
+        return false;
+    }
+    let t = st.f_type as i64;
+    t == TMPFS_MAGIC || t == RAMFS_MAGIC
+}
+
 /// Raise the soft limit of open files to the hard limit (the cache and the local store keep
 /// many files open). Returns the new soft limit.
 pub fn raise_fd_limit() -> u64 {

@@ -63,6 +63,8 @@ const JOURNAL_CHECKPOINT_BYTES: u64 = 64 << 20;
 /// Pending (unflushed) records past which a write flushes by itself.
 const WRITEBACK_RECORDS: usize = 16 * 1024;
 const STRIPES: usize = 1024;
+/// Blocks per stripe lock.
+const STRIPE_GROUP: u64 = 16;
 
 const F_SUPER: &str = "super";
 const F_CKPT: [&str; 2] = ["ckpt.0", "ckpt.1"];
@@ -679,12 +681,13 @@ impl Overlay {
     }
 
     fn lock_stripes(&self, first: u64, last: u64) -> Vec<MutexGuard<'_, ()>> {
-        if last - first + 1 >= STRIPES as u64 {
+        // One stripe per 64 KiB group of blocks, so a large write takes few locks and
+        // neighbouring in-flight sequential writes do not share any.
+        let (g0, g1) = (first / STRIPE_GROUP, last / STRIPE_GROUP);
+        if g1 - g0 + 1 >= STRIPES as u64 {
             return self.stripes.iter().map(|m| m.lock()).collect();
         }
-        let mut idx: Vec<usize> = (first..=last)
-            .map(|l| (l % STRIPES as u64) as usize)
-            .collect();
+        let mut idx: Vec<usize> = (g0..=g1).map(|g| (g % STRIPES as u64) as usize).collect();
         idx.sort_unstable();
         idx.dedup();
         idx.into_iter().map(|i| self.stripes[i].lock()).collect()

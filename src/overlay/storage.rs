@@ -21,6 +21,7 @@ use crate::sys;
 /// of `buf`, extending the file if needed; it is *not* durable until `sync` returns. `sync`
 /// makes every earlier completed `write_at`, `set_len` and `punch` of this file durable (like
 /// `fdatasync`); it says nothing about other files.
+#[allow(clippy::len_without_is_empty)]
 pub trait OverlayFile: Send + Sync {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
@@ -50,6 +51,18 @@ pub trait OverlayStorage: Send + Sync {
 /// A real file.
 pub struct RealFile {
     file: File,
+    /// On tmpfs `RWF_NOWAIT` may be unsupported but reads never block: read directly.
+    memory_backed: bool,
+}
+
+impl RealFile {
+    pub fn new(file: File) -> Self {
+        let memory_backed = sys::is_memory_backed(&file);
+        RealFile {
+            file,
+            memory_backed,
+        }
+    }
 }
 
 impl RealFile {
@@ -113,6 +126,7 @@ impl OverlayFile for RealFile {
     fn read_nowait(&self, buf: &mut [u8], offset: u64) -> Option<io::Result<()>> {
         match sys::pread_nowait(&self.file, buf, offset) {
             Ok(sys::NoWait::Done) => Some(Ok(())),
+            Ok(sys::NoWait::Unsupported) if self.memory_backed => Some(self.read_at(buf, offset)),
             Ok(sys::NoWait::WouldBlock | sys::NoWait::Unsupported) => None,
             Err(e) => Some(Err(e)),
         }
@@ -158,7 +172,7 @@ impl OverlayStorage for DirStorage {
             // Make the new directory entry durable.
             File::open(&self.dir)?.sync_all()?;
         }
-        Ok(Arc::new(RealFile { file }))
+        Ok(Arc::new(RealFile::new(file)))
     }
 
     fn exists(&self, name: &str) -> io::Result<bool> {

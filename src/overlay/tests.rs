@@ -18,6 +18,7 @@ fn new_overlay(blocks: usize) -> (SimStorage, Overlay, Vec<u8>) {
     (s, ov, base)
 }
 
+#[allow(clippy::ptr_arg)] // `&Vec<u8>` is the `BaseRead` in these tests
 fn read(ov: &Overlay, base: &Vec<u8>, off: usize, len: usize) -> Vec<u8> {
     let mut b = vec![0u8; len];
     ov.read(off as u64, &mut b, base).unwrap();
