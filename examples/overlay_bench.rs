@@ -104,8 +104,9 @@ fn main() {
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let vol = volume(&dir, "randw", 2 << 30);
+        let vol = volume(&dir, "randw", 1 << 30);
         let (iops, _) = write_bench(vol, B, 32, false).await;
+        let _ = std::fs::remove_dir_all(dir.join("randw"));
         println!("random 4K writes, iodepth 32: {iops:.0} IOPS");
         let vol = volume(&dir, "seqw", 4 << 30);
         let (ops, _) = write_bench(vol.clone(), 1 << 20, 8, true).await;
