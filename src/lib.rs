@@ -25,6 +25,7 @@ pub mod device;
 pub mod error;
 pub mod export;
 pub mod image;
+pub mod overlay;
 pub mod store;
 pub mod sys;
 pub mod types;

@@ -93,8 +93,17 @@ pub fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
     }
 }
 
-/// Whether `dir` is on tmpfs or ramfs, whose reads never wait for a device (and which reject
-/// `RWF_NOWAIT`, so callers use a plain `pread` there).
+/// Whether a `statfs` result is a memory file system (tmpfs, ramfs): reads there never wait
+/// for a device, and such file systems may reject `RWF_NOWAIT`, so callers use plain `pread`.
+fn is_memory_statfs(st: &libc::statfs) -> bool {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    #[allow(clippy::unnecessary_cast)]
+    let t = st.f_type as i64;
+    t == TMPFS_MAGIC || t == RAMFS_MAGIC
+}
+
+/// Whether `dir` is on a memory file system (see [`is_memory_backed`]).
 pub fn is_memory_fs(dir: &std::path::Path) -> bool {
     use std::os::unix::ffi::OsStrExt;
     let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
@@ -106,11 +115,20 @@ pub fn is_memory_fs(dir: &std::path::Path) -> bool {
     if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
         return false;
     }
-    const TMPFS_MAGIC: i64 = 0x0102_1994;
-    const RAMFS_MAGIC: i64 = 0x8584_58f6;
-    #[allow(clippy::unnecessary_cast)]
-    let t = st.f_type as i64;
-    t == TMPFS_MAGIC || t == RAMFS_MAGIC
+    is_memory_statfs(&st)
+}
+
+/// Whether `file` lives on a memory file system (tmpfs, ramfs), where a read never waits for a
+/// device. Such file systems may not support `RWF_NOWAIT`, yet blocking reads of them are
+/// as fast as non-blocking ones.
+pub fn is_memory_backed(file: &File) -> bool {
+    // SAFETY: all-zero bytes are a valid `statfs` (plain integers).
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatfs writes into `st`, a valid, exclusively borrowed struct; the fd is open.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
+        return false;
+    }
+    is_memory_statfs(&st)
 }
 
 /// Raise the soft limit of open files to the hard limit (the cache and the local store keep
