@@ -58,7 +58,7 @@ for r in $(seq "$ROUNDS"); do
     for s in "${SERVERS[@]}"; do
       # shellcheck disable=SC2086
       fio --name=b --ioengine=nbd --uri="${URI[$s]}" --size="$SIZE" ${WL[$wl]} \
-          --runtime="$RUNTIME" --time_based --output-format=json > "$W/fio.json"
+          --runtime="$RUNTIME" --time_based --output-format=json --output="$W/fio.json" >/dev/null
       python3 - "$W/fio.json" "$s" "$wl" >> "$RES" <<'PY'
 import json, sys
 j = json.load(open(sys.argv[1]))["jobs"][0]["read"]
