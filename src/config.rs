@@ -8,7 +8,8 @@
 //! Defaults: the state directory is `/var/lib/imgcache` for root, otherwise
 //! `$XDG_STATE_HOME/imgcache` or `~/.local/state/imgcache`; it holds `catalog.redb`,
 //! `store/`, `control.sock`, `nbd.sock` and `lock`. NBD over TCP listens on
-//! `127.0.0.1:10809` unless set to `off`.
+//! `127.0.0.1:10809` unless set to `off`. The FUSE export is mounted on `STATE_DIR/mnt` when
+//! `/dev/fuse` is usable (see [`FuseMountSetting`]).
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -72,6 +73,7 @@ impl Classify for ConfigError {
 /// control-socket = "/run/imgcache/control.sock"
 /// log-level = "info"            # or a tracing filter such as "imgcache=debug"
 /// default-chunk-size = "1M"     # or a number of bytes
+/// fuse-mount = "/run/imgcache/mnt"  # or "off"; default STATE_DIR/mnt when /dev/fuse works
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -83,6 +85,7 @@ pub struct FileConfig {
     pub log_level: Option<String>,
     #[serde(default, deserialize_with = "size_value")]
     pub default_chunk_size: Option<String>,
+    pub fuse_mount: Option<String>,
 }
 
 /// Command-line overrides of `imgcache serve` (and the environment variables clap maps to them).
@@ -95,6 +98,8 @@ pub struct Overrides {
     pub control_socket: Option<PathBuf>,
     pub log_level: Option<String>,
     pub default_chunk_size: Option<String>,
+    /// A directory or `off`.
+    pub fuse_mount: Option<String>,
 }
 
 /// The validated daemon configuration. All paths are absolute.
@@ -109,6 +114,30 @@ pub struct Config {
     pub log_level: String,
     /// Chunk size for imports that do not choose one, in bytes.
     pub default_chunk_size: u32,
+    /// Where to mount the FUSE export, if anywhere.
+    pub fuse_mount: FuseMountSetting,
+}
+
+/// Where the FUSE export is mounted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FuseMountSetting {
+    /// No FUSE export (`fuse-mount = "off"`).
+    Off,
+    /// The default `STATE_DIR/mnt`: mounted when `/dev/fuse` is usable, otherwise the daemon
+    /// warns and runs without it.
+    Default(PathBuf),
+    /// Set by the operator: failing to mount it is a start-up error.
+    Required(PathBuf),
+}
+
+impl FuseMountSetting {
+    /// The mount point, unless off.
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            FuseMountSetting::Off => None,
+            FuseMountSetting::Default(p) | FuseMountSetting::Required(p) => Some(p),
+        }
+    }
 }
 
 impl Config {
@@ -196,6 +225,12 @@ impl Config {
             })?,
         };
 
+        let fuse_mount = match (&overrides.fuse_mount, &file.fuse_mount) {
+            (Some(flag), _) => fuse_setting(flag, &cwd),
+            (None, Some(key)) => fuse_setting(key, file_base),
+            (None, None) => FuseMountSetting::Default(state_dir.join("mnt")),
+        };
+
         Ok(Config {
             state_dir,
             nbd_tcp,
@@ -203,6 +238,7 @@ impl Config {
             control_socket,
             log_level,
             default_chunk_size,
+            fuse_mount,
         })
     }
 
@@ -300,6 +336,15 @@ pub fn check_chunk_size(bytes: u64) -> Result<u32, String> {
     Ok(bytes as u32)
 }
 
+/// `off`, or a directory (relative ones are resolved against `base`).
+fn fuse_setting(text: &str, base: &Path) -> FuseMountSetting {
+    if text.eq_ignore_ascii_case("off") {
+        FuseMountSetting::Off
+    } else {
+        FuseMountSetting::Required(base.join(text))
+    }
+}
+
 fn check_socket_path(key: &'static str, path: &Path) -> Result<(), ConfigError> {
     let len = path.as_os_str().len();
     if len > MAX_SOCKET_PATH {
@@ -386,6 +431,7 @@ mod tests {
             control-socket = "/run/ic.sock"
             log-level = "debug"
             default-chunk-size = "4M"
+            fuse-mount = "mnt"
         "#;
         let file = FileConfig::parse(text, Path::new("c.toml")).unwrap();
         let cfg = resolve(&file, &Overrides::default()).unwrap();
@@ -395,6 +441,10 @@ mod tests {
         assert_eq!(cfg.control_socket, PathBuf::from("/run/ic.sock"));
         assert_eq!(cfg.log_level, "debug");
         assert_eq!(cfg.default_chunk_size, 4 << 20);
+        assert_eq!(
+            cfg.fuse_mount,
+            FuseMountSetting::Required(PathBuf::from("/etc/imgcache/mnt"))
+        );
     }
 
     #[test]
@@ -406,6 +456,26 @@ mod tests {
         assert_eq!(cfg.nbd_tcp, Some("127.0.0.1:10809".parse().unwrap()));
         assert_eq!(cfg.default_chunk_size, DEFAULT_CHUNK_SIZE);
         assert_eq!(cfg.catalog_path(), PathBuf::from("/state/catalog.redb"));
+        assert_eq!(
+            cfg.fuse_mount,
+            FuseMountSetting::Default(PathBuf::from("/state/mnt"))
+        );
+    }
+
+    #[test]
+    fn fuse_mount_off_flag_overrides_file() {
+        let file = FileConfig {
+            fuse_mount: Some("/srv/mnt".into()),
+            ..FileConfig::default()
+        };
+        let overrides = Overrides {
+            fuse_mount: Some("OFF".into()),
+            ..Overrides::default()
+        };
+        assert_eq!(
+            resolve(&file, &overrides).unwrap().fuse_mount,
+            FuseMountSetting::Off
+        );
     }
 
     #[test]

@@ -70,6 +70,9 @@ struct ServeArgs {
     /// Chunk size of imports that do not choose one [default: 1M]
     #[arg(long, value_name = "SIZE")]
     default_chunk_size: Option<String>,
+    /// Mount the FUSE export here, or "off" [default: STATE_DIR/mnt when /dev/fuse works]
+    #[arg(long, value_name = "DIR")]
+    fuse_mount: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -264,6 +267,7 @@ fn serve(state_dir: Option<PathBuf>, args: ServeArgs) -> anyhow::Result<()> {
         control_socket: args.control_socket,
         log_level: args.log_level,
         default_chunk_size: args.default_chunk_size,
+        fuse_mount: args.fuse_mount,
     };
     let config = Config::load(args.config.as_deref(), &overrides)?;
     let filter = std::env::var("RUST_LOG")

@@ -25,7 +25,7 @@ use crate::catalog::{
 };
 use crate::config::{check_chunk_size, Config};
 use crate::error::{Classify, ErrorKind};
-use crate::export::{Export, ExportListing, ExportRegistry};
+use crate::export::{Export, ExportListing, ExportRegistry, ExportTimes};
 use crate::image::{
     delete_unreferenced, import_file, sweep_orphans, Checksum, ChunkLedger, Image, ImageError,
     ImportOptions, IsReferenced, Progress,
@@ -456,6 +456,16 @@ impl ExportRegistry for Daemon {
                 Vec::new()
             }
         }
+    }
+
+    fn times(&self, name: &str) -> Option<ExportTimes> {
+        let image_name = name.strip_prefix(IMAGE_EXPORT_PREFIX)?;
+        let row = self.catalog.get(image_name).ok()?;
+        let at = |secs: u64| std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+        (row.name == image_name).then(|| ExportTimes {
+            created: at(row.created_at),
+            modified: at(row.updated_at),
+        })
     }
 
     fn open(&self, name: &str) -> Option<Export> {

@@ -3,8 +3,8 @@
 //!
 //! Shutdown order: stop accepting imports and cancel running ones, flip the shutdown watch
 //! (NBD servers stop accepting and close their connections; the API server stops accepting
-//! and finishes in-flight requests), wait up to [`SHUTDOWN_GRACE`], remove the socket files,
-//! release the lock. A second signal during shutdown exits at once.
+//! and finishes in-flight requests), unmount the FUSE export, wait up to [`SHUTDOWN_GRACE`],
+//! remove the socket files, release the lock. A second signal during shutdown exits at once.
 
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -18,8 +18,9 @@ use tokio::task::JoinSet;
 
 use super::lock::StateLock;
 use super::{Daemon, DaemonError};
-use crate::config::Config;
+use crate::config::{Config, FuseMountSetting};
 use crate::error::chain as error_chain;
+use crate::export::fuse::FuseExport;
 use crate::export::nbd::NbdServer;
 use crate::export::ExportRegistry;
 
@@ -71,6 +72,11 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                 })?,
         ),
     };
+
+    let fuse = mount_fuse(
+        &config.fuse_mount,
+        daemon.clone() as Arc<dyn ExportRegistry>,
+    )?;
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut tasks: JoinSet<(&'static str, std::io::Result<()>)> = JoinSet::new();
@@ -128,6 +134,13 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     daemon.begin_shutdown();
     let _ = shutdown_tx.send(true);
     let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        if let Some(fuse) = fuse {
+            match tokio::task::spawn_blocking(move || fuse.unmount()).await {
+                Ok(Ok(())) => tracing::debug!("FUSE export unmounted"),
+                Ok(Err(e)) => tracing::warn!(error = %error_chain(&e), "FUSE unmount failed"),
+                Err(e) => tracing::warn!("FUSE unmount task failed: {e}"),
+            }
+        }
         while let Some(done) = tasks.join_next().await {
             if let Ok((what, Err(e))) = done {
                 tracing::warn!(error = %error_chain(&e), "{what} failed while stopping");
@@ -166,6 +179,37 @@ fn log_listening(config: &Config) {
         "example: qemu-system-x86_64 -drive file=nbd:unix:{sock}:exportname=images/NAME,format=raw,readonly=on"
     );
     tracing::info!("example: nbdinfo 'nbd+unix:///images/NAME?socket={sock}'");
+}
+
+/// Mount the FUSE export as configured. The default mount point is skipped with a warning
+/// when FUSE is unusable; a configured one must mount.
+fn mount_fuse(
+    setting: &FuseMountSetting,
+    registry: Arc<dyn ExportRegistry>,
+) -> Result<Option<FuseExport>, DaemonError> {
+    let Some(path) = setting.path() else {
+        tracing::info!("FUSE export is off");
+        return Ok(None);
+    };
+    let rt = tokio::runtime::Handle::current();
+    let mounted = tokio::task::block_in_place(|| {
+        FuseExport::mount(registry, rt, path, crate::export::fuse::DEFAULT_THREADS)
+    });
+    match mounted {
+        Ok(fuse) => {
+            tracing::info!(mount = %path.display(), "FUSE export mounted: images/NAME, volumes/NAME");
+            Ok(Some(fuse))
+        }
+        Err(e) if matches!(setting, FuseMountSetting::Default(_)) => {
+            tracing::warn!(error = %error_chain(&e),
+                "running without the FUSE export (set fuse-mount = \"off\" to silence this)");
+            Ok(None)
+        }
+        Err(e) => Err(DaemonError::Io {
+            context: "cannot start the FUSE export".into(),
+            source: std::io::Error::other(e),
+        }),
+    }
 }
 
 fn signal_error(source: std::io::Error) -> DaemonError {

@@ -5,9 +5,11 @@
 //! so the data path never touches the catalog.
 
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use crate::device::BlockDevice;
 
+pub mod fuse;
 pub mod nbd;
 
 /// One export as a front end sees it.
@@ -28,10 +30,23 @@ pub struct ExportListing {
     pub description: String,
 }
 
+/// When an export was created and last changed (catalog times, not data writes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExportTimes {
+    pub created: SystemTime,
+    pub modified: SystemTime,
+}
+
 /// Which exports exist right now. Implemented by the daemon.
 pub trait ExportRegistry: Send + Sync + 'static {
     /// Every export a client may open now, sorted by name.
     fn list(&self) -> Vec<ExportListing>;
     /// Open the named export; `None` if it does not exist (or is disabled, deleted).
     fn open(&self, name: &str) -> Option<Export>;
+    /// The catalog times of the named export, for front ends that show them (FUSE);
+    /// `None` when unknown (the front end then shows its own start time).
+    fn times(&self, name: &str) -> Option<ExportTimes> {
+        let _ = name;
+        None
+    }
 }
