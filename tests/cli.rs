@@ -60,7 +60,9 @@ impl Daemon {
     fn spawn(state: &Path, extra: &[&str]) -> Daemon {
         let log = state.with_extension("log");
         let child = Command::new(BIN)
-            .args(["serve", "--nbd-tcp", "off", "--log-level", "debug"])
+            // Killed with SIGKILL on drop: no FUSE mount to leave behind.
+            .args(["serve", "--nbd-tcp", "off", "--fuse-mount", "off"])
+            .args(["--log-level", "debug"])
             .args(extra)
             .env("IMGCACHE_STATE_DIR", state)
             .env_remove("IMGCACHE_SOCKET")

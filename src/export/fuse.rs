@@ -47,7 +47,7 @@ use fuser::{
     ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
     Request, SessionACL, TimeOrNow, WriteFlags,
 };
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Condvar, Mutex, RwLock};
 use tokio::runtime::Handle;
 
 use super::{ExportRegistry, ExportTimes};
@@ -69,6 +69,10 @@ const FIRST_FILE_INO: u64 = 16;
 const DIR_MODE: u16 = 0o755;
 const READ_ONLY_MODE: u16 = 0o444;
 const WRITABLE_MODE: u16 = 0o660;
+/// How long an open for writing waits for the previous writer's release: close(2) returns
+/// before the kernel sends RELEASE, so a writer that closes and reopens at once would
+/// otherwise race its own release.
+const WRITER_RELEASE_WAIT: Duration = Duration::from_millis(500);
 /// Marks inode numbers shown in directory listings for exports not yet looked up.
 const LISTING_INO_BIT: u64 = 1 << 63;
 
@@ -346,6 +350,8 @@ struct ExportFs {
     registry: Arc<dyn ExportRegistry>,
     rt: Handle,
     tree: Mutex<Tree>,
+    /// Signalled when a writer releases its file.
+    writer_released: Condvar,
     files: RwLock<HashMap<u64, Arc<OpenFile>>>,
     next_fh: AtomicU64,
     started: SystemTime,
@@ -379,6 +385,7 @@ impl ExportFs {
                 next_ino: FIRST_FILE_INO,
                 dirs: HashMap::new(),
             }),
+            writer_released: Condvar::new(),
             files: RwLock::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             started: SystemTime::now(),
@@ -698,6 +705,18 @@ impl fuser::Filesystem for ExportFs {
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let write = flags.acc_mode() != OpenAccMode::O_RDONLY;
         let mut tree = self.tree.lock();
+        if write {
+            let deadline = std::time::Instant::now() + WRITER_RELEASE_WAIT;
+            while tree.nodes.get(&ino.0).is_some_and(|n| n.writer) {
+                if self
+                    .writer_released
+                    .wait_until(&mut tree, deadline)
+                    .timed_out()
+                {
+                    break;
+                }
+            }
+        }
         let Some(node) = tree.nodes.get_mut(&ino.0) else {
             return reply.error(if dir_of(ino.0).is_some() || ino.0 == ROOT_INO {
                 Errno::EISDIR
@@ -846,6 +865,7 @@ impl fuser::Filesystem for ExportFs {
                 node.opens = node.opens.saturating_sub(1);
                 if file.write {
                     node.writer = false;
+                    self.writer_released.notify_all();
                 }
                 tree.maybe_drop(file.ino);
             }
@@ -1128,5 +1148,61 @@ fn seek_data_hole(dev: &dyn BlockDevice, offset: i64, whence: i32) -> Result<i64
         ExtentKind::Data => Err(Errno::ENXIO),
         // The end of the device is a hole, as lseek(2) defines it.
         ExtentKind::Hole => Ok(size as i64),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::mem::MemDevice;
+
+    const KEEP: i32 = libc::FALLOC_FL_KEEP_SIZE;
+    const PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE;
+    const ZERO: i32 = libc::FALLOC_FL_ZERO_RANGE;
+
+    #[test]
+    fn punch_hole_past_the_end_is_clipped_to_the_size() {
+        let op = fallocate_op(PUNCH | KEEP, 100, 1000, 600).unwrap();
+        assert_eq!(
+            op,
+            Some(FallocOp::Trim {
+                offset: 100,
+                len: 500
+            })
+        );
+        assert_eq!(fallocate_op(PUNCH | KEEP, 700, 10, 600).unwrap(), None);
+    }
+
+    #[test]
+    fn zero_range_that_would_grow_the_file_is_enospc() {
+        assert_eq!(fallocate_op(ZERO, 500, 200, 600), Err(Errno::ENOSPC));
+        assert_eq!(
+            fallocate_op(ZERO | KEEP, 500, 200, 600).unwrap(),
+            Some(FallocOp::Zero {
+                offset: 500,
+                len: 100
+            })
+        );
+    }
+
+    #[test]
+    fn plain_allocation_inside_the_size_does_nothing() {
+        assert_eq!(fallocate_op(0, 0, 600, 600).unwrap(), None);
+        assert_eq!(fallocate_op(0, 0, 601, 600), Err(Errno::ENOSPC));
+        assert_eq!(fallocate_op(PUNCH, 0, 1, 600), Err(Errno::EOPNOTSUPP));
+        assert_eq!(fallocate_op(KEEP, 0, 0, 600), Err(Errno::EINVAL));
+    }
+
+    #[test]
+    fn seek_data_and_hole_follow_extents() {
+        let dev = MemDevice::new(vec![1u8; 4096 * 4]).with_hole(4096..8192);
+        assert_eq!(seek_data_hole(&dev, 0, libc::SEEK_HOLE), Ok(4096));
+        assert_eq!(seek_data_hole(&dev, 4096, libc::SEEK_DATA), Ok(8192));
+        assert_eq!(seek_data_hole(&dev, 8192, libc::SEEK_HOLE), Ok(16384));
+        assert_eq!(
+            seek_data_hole(&dev, 16384, libc::SEEK_DATA),
+            Err(Errno::ENXIO)
+        );
+        assert_eq!(seek_data_hole(&dev, 0, libc::SEEK_SET), Err(Errno::EINVAL));
     }
 }

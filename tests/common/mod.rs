@@ -135,6 +135,11 @@ impl Daemon {
         self.state.join("nbd.sock")
     }
 
+    /// The default FUSE mount point.
+    pub fn mnt(&self) -> PathBuf {
+        self.state.join("mnt")
+    }
+
     /// The NBD URI of an export, e.g. `nbd+unix:///images/NAME?socket=...`.
     pub fn uri(&self, export: &str) -> String {
         format!("nbd+unix:///{export}?socket={}", self.nbd_sock().display())
@@ -189,14 +194,22 @@ impl Drop for Daemon {
                 libc::kill(child.id() as i32, libc::SIGTERM);
             }
             let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline {
-                if child.try_wait().ok().flatten().is_some() {
-                    return;
+            let mut exited = false;
+            while !exited && Instant::now() < deadline {
+                exited = child.try_wait().ok().flatten().is_some();
+                if !exited {
+                    std::thread::sleep(Duration::from_millis(20));
                 }
-                std::thread::sleep(Duration::from_millis(20));
             }
-            let _ = child.kill();
-            let _ = child.wait();
+            if !exited {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        // A daemon killed with its FUSE mount leaves it dead; don't leave it behind.
+        let mnt = self.mnt();
+        if std::fs::metadata(&mnt).is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN)) {
+            let _ = imgcache::export::fuse::detach(&mnt);
         }
     }
 }
