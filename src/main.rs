@@ -683,6 +683,7 @@ mod tests {
             updated_at: 1_700_000_000,
             store: "local".into(),
             manifest_key: "manifests/x".into(),
+            source: Default::default(),
         }
     }
 
