@@ -261,11 +261,11 @@ impl Config {
 
         let cache = resolve_cache(&file.cache, file_base, &state_dir)?;
         for (name, spec) in &file.stores {
-            if name == LOCAL_STORE {
+            if name == LOCAL_STORE || name == "url" {
                 return Err(ConfigError::Invalid {
                     key: "stores",
                     value: name.clone(),
-                    reason: "\"local\" is the built-in store (STATE/store); choose another name"
+                    reason: "\"local\" (the built-in store) and \"url\" (images added by --url) are reserved; choose another name"
                         .into(),
                 });
             }
@@ -420,10 +420,7 @@ fn resolve_cache(
         return Err(ConfigError::Invalid {
             key: "cache.low-watermark",
             value: cfg.low_watermark.to_string(),
-            reason: format!(
-                "must be below high-watermark ({})",
-                cfg.high_watermark
-            ),
+            reason: format!("must be below high-watermark ({})", cfg.high_watermark),
         });
     }
     if let Some(n) = c.fetch_concurrency {
@@ -689,28 +686,39 @@ mod tests {
 
     #[test]
     fn inverted_watermarks_are_rejected() {
-        let file =
-            FileConfig::parse("[cache]\nhigh-watermark = 0.5\nlow-watermark = 0.6\n", Path::new("c"))
-                .unwrap();
-        let err = resolve(&file, &Overrides::default()).unwrap_err().to_string();
+        let file = FileConfig::parse(
+            "[cache]\nhigh-watermark = 0.5\nlow-watermark = 0.6\n",
+            Path::new("c"),
+        )
+        .unwrap();
+        let err = resolve(&file, &Overrides::default())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("cache.low-watermark"), "{err}");
         assert!(err.contains("below high-watermark"), "{err}");
     }
 
     #[test]
     fn bad_fetch_timeout_is_rejected() {
-        let file = FileConfig::parse("[cache]\nfetch-timeout = \"soon\"\n", Path::new("c")).unwrap();
-        let err = resolve(&file, &Overrides::default()).unwrap_err().to_string();
+        let file =
+            FileConfig::parse("[cache]\nfetch-timeout = \"soon\"\n", Path::new("c")).unwrap();
+        let err = resolve(&file, &Overrides::default())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("cache.fetch-timeout"), "{err}");
     }
 
     #[test]
     fn store_named_local_is_rejected() {
-        let file =
-            FileConfig::parse("[stores.local]\ntype = \"dir\"\npath = \"/x\"\n", Path::new("c"))
-                .unwrap();
-        let err = resolve(&file, &Overrides::default()).unwrap_err().to_string();
-        assert!(err.contains("built-in"), "{err}");
+        let file = FileConfig::parse(
+            "[stores.local]\ntype = \"dir\"\npath = \"/x\"\n",
+            Path::new("c"),
+        )
+        .unwrap();
+        let err = resolve(&file, &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("reserved"), "{err}");
     }
 
     #[test]
@@ -720,7 +728,9 @@ mod tests {
             Path::new("c"),
         )
         .unwrap();
-        let err = resolve(&file, &Overrides::default()).unwrap_err().to_string();
+        let err = resolve(&file, &Overrides::default())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("max-concurrency"), "{err}");
     }
 

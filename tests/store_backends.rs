@@ -83,8 +83,11 @@ async fn dir_store_passes_conformance() {
 #[tokio::test]
 async fn dir_store_from_spec_passes_conformance() {
     let dir = tempfile::tempdir().unwrap();
-    let spec: StoreSpec =
-        toml::from_str(&format!("type = \"dir\"\npath = {:?}\n", dir.path().join("s"))).unwrap();
+    let spec: StoreSpec = toml::from_str(&format!(
+        "type = \"dir\"\npath = {:?}\n",
+        dir.path().join("s")
+    ))
+    .unwrap();
     let store = open_store("near", &spec).unwrap();
 
     conformance::read_write(&*store).await;

@@ -149,7 +149,9 @@ pub struct ImageRecord {
 pub enum ImageSource {
     #[default]
     Native,
-    Object { url: String },
+    Object {
+        url: String,
+    },
 }
 
 impl ImageSource {

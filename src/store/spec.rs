@@ -215,12 +215,12 @@ pub fn open_store(name: &str, spec: &StoreSpec) -> Result<Arc<dyn Store>, StoreE
     spec.validate(name)?;
     let policy = spec.policy();
     let backend: Arc<dyn Store> = match spec {
-        StoreSpec::Dir { path, .. } => {
-            Arc::new(DirStore::open(path.clone()).map_err(|source| StoreError::Io {
+        StoreSpec::Dir { path, .. } => Arc::new(DirStore::open(path.clone()).map_err(
+            |source| StoreError::Io {
                 key: path.display().to_string(),
                 source,
-            })?)
-        }
+            },
+        )?),
         StoreSpec::Http { url, .. } => Arc::new(RemoteStore::http(name, url, policy.timeout)?),
         StoreSpec::S3 { .. } => {
             let config = spec
