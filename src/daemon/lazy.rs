@@ -456,16 +456,22 @@ impl Daemon {
         let rows = self.catalog_call(|c| c.list(true)).await?;
         let by_id: HashMap<String, &ImageRecord> =
             rows.iter().map(|r| (r.id.to_string(), r)).collect();
+        let handles: HashMap<String, Arc<Image>> = self
+            .images
+            .lock()
+            .iter()
+            .map(|(id, img)| (id.to_string(), img.clone()))
+            .collect();
         let mut out = Vec::new();
         for img in &status.images {
             let row = by_id.get(&img.key);
-            let total_bytes = img.data_chunks.map(|n| match row {
-                // Every chunk but possibly the last is full; holes are not counted.
-                Some(r) if r.chunk_size > 0 => {
-                    let full = n.saturating_mul(r.chunk_size as u64);
-                    full.min(r.virtual_size).max(img.cached_bytes)
-                }
-                _ => img.cached_bytes,
+            // Exact when the image is open: the bytes of its chunks with data.
+            let total_bytes = handles.get(&img.key).map(|h| {
+                let m = h.manifest();
+                (0..m.chunk_count())
+                    .filter(|&i| !m.is_hole(i))
+                    .map(|i| m.chunk_len(i))
+                    .sum::<u64>()
             });
             out.push(ImageCacheRow {
                 name: row.map_or_else(|| img.key.clone(), |r| r.name.clone()),
