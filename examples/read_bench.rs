@@ -47,7 +47,7 @@ fn main() -> anyhow::Result<()> {
         }
         std::fs::write(&src, &data)?;
     }
-    imgcache::image::raise_fd_limit()?;
+    imgcache::image::raise_fd_limit();
     let rt = tokio::runtime::Runtime::new()?;
     let store: Arc<dyn Store> = Arc::new(DirStore::open(dir.path().join("store"))?);
     let t = Instant::now();

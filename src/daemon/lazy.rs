@@ -280,7 +280,7 @@ impl Daemon {
             }
             RegisterFrom::Url { url, chunk_size } => {
                 let chunk_size = match chunk_size {
-                    None => self.default_chunk_size,
+                    None => crate::config::DEFAULT_OBJECT_CHUNK_SIZE,
                     Some(n) => check_chunk_size(n).map_err(DaemonError::InvalidInput)?,
                 };
                 let (store_name, store, key) = self.resolve_url(&url)?;
