@@ -168,7 +168,7 @@ fn warm_fills_the_cache_and_a_restart_refetches_nothing() {
     let mut d = Daemon::start();
     let (web, _) = serve_disk(&d, 6 * MIB, 2);
     let url = format!("{}/disk.raw", web.url);
-    d.cli_ok(&["image", "add", "web", "--url", &url]);
+    d.cli_ok(&["image", "add", "web", "--url", &url, "--chunk-size", "1M"]);
 
     let report = json(&d, &["image", "warm", "web", "--json"]);
 
