@@ -597,7 +597,18 @@ fn residency_flips_from_remote_to_local() {
     d.cli_ok(&["image", "warm", "web"]);
     let after = map();
 
-    assert!(before.contains("remote"), "{before}");
-    assert!(!after.contains("remote"), "{after}");
-    assert!(after.contains("local"), "{after}");
+    // imgcache:residency flag bit 0 set = remote (not yet local).
+    let types = |json: &str| -> Vec<(u64, u64)> {
+        let v: serde_json::Value = serde_json::from_str(json).expect("nbdinfo --json map");
+        v.as_array()
+            .expect("array of extents")
+            .iter()
+            .map(|e| (e["length"].as_u64().unwrap(), e["type"].as_u64().unwrap()))
+            .collect()
+    };
+    let (b, a) = (types(&before), types(&after));
+    assert_eq!(b.iter().map(|e| e.0).sum::<u64>(), 4 * MIB, "{before}");
+    assert!(b.iter().all(|e| e.1 & 1 == 1), "cold image must be all remote: {before}");
+    assert_eq!(a.iter().map(|e| e.0).sum::<u64>(), 4 * MIB, "{after}");
+    assert!(a.iter().all(|e| e.1 & 1 == 0), "warm image must be all local: {after}");
 }
