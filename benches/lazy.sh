@@ -27,9 +27,8 @@ RATE_MBIT=${RATE_MBIT:-400}
 FETCH_CONCURRENCY=${FETCH_CONCURRENCY:-32}
 READAHEAD=${READAHEAD:-32}
 
-if [[ ! -x $IMGCACHE || ! -x $RANGE_SERVER ]]; then
-    cargo build --release --bin imgcache --example range_server >&2
-fi
+# Always rebuild (a no-op when up to date) so a stale binary is never measured.
+cargo build --release --bin imgcache --example range_server >&2
 for t in qemu-io nbdinfo nbdkit curl python3; do
     command -v "$t" >/dev/null || { echo "missing $t" >&2; exit 1; }
 done
