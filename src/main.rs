@@ -14,6 +14,9 @@ use std::time::{Duration, UNIX_EPOCH};
 use anyhow::{bail, Context};
 use clap::{ArgAction, Args, Parser, Subcommand};
 
+#[path = "cli/volume.rs"]
+mod volume_cmd;
+
 use imgcache::api::client::{Action, Client};
 use imgcache::api::types::{AddImageRequest, AddProgress};
 use imgcache::catalog::{
@@ -48,6 +51,9 @@ enum Command {
     /// Manage catalog images
     #[command(subcommand)]
     Image(ImageCommand),
+    /// Manage copy-on-write volumes (VM disks over images)
+    #[command(subcommand)]
+    Volume(volume_cmd::VolumeCommand),
 }
 
 #[derive(Debug, Args)]
@@ -100,7 +106,12 @@ enum ImageCommand {
     /// Serve a disabled image again
     Enable { image: String },
     /// Move an image to the recycle bin
-    Delete { image: String },
+    Delete {
+        image: String,
+        /// Even if volumes use it: hidden for new volumes, still serving existing ones
+        #[arg(long)]
+        force: bool,
+    },
     /// Restore an image from the recycle bin
     Recover { image: String },
     /// Remove a deleted image for good, freeing its chunks
@@ -253,6 +264,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .context("cannot start the async runtime")?;
             rt.block_on(image_command(Client::new(socket), cmd))
         }
+        Command::Volume(cmd) => {
+            let socket = control_socket(cli.socket, cli.state_dir)?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            rt.block_on(volume_cmd::run(Client::new(socket), cmd))
+        }
     }
 }
 
@@ -320,7 +339,14 @@ async fn image_command(client: Client, cmd: ImageCommand) -> anyhow::Result<()> 
         ImageCommand::Set(args) => set(&client, args).await,
         ImageCommand::Disable { image } => action(&client, &image, Lifecycle::Disable).await,
         ImageCommand::Enable { image } => action(&client, &image, Lifecycle::Enable).await,
-        ImageCommand::Delete { image } => action(&client, &image, Lifecycle::Delete).await,
+        ImageCommand::Delete {
+            image,
+            force: false,
+        } => action(&client, &image, Lifecycle::Delete).await,
+        ImageCommand::Delete { image, force: true } => {
+            let row = client.force_delete_image(&image).await?;
+            print_out(&format!("image {} is now {}\n", row.name, row.status))
+        }
         ImageCommand::Recover { image } => action(&client, &image, Lifecycle::Recover).await,
         ImageCommand::Expunge { image } => {
             let row = client.image_action(&image, Action::Expunge).await?;

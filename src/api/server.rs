@@ -59,6 +59,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
             get(show_image).patch(update_image),
         )
         .route("/v1/images/{id_or_name}/{action}", post(image_action))
+        .merge(super::volumes::routes())
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -175,11 +176,21 @@ async fn update_image(
     Ok(Json(d.update_image(&key, patch).await?))
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ActionQuery {
+    /// `delete` even if volumes use the image (they keep using it).
+    #[serde(default)]
+    force: bool,
+}
+
 async fn image_action(
     State(d): State<Arc<Daemon>>,
     path: Result<Path<(String, String)>, PathRejection>,
+    query: Result<Query<ActionQuery>, QueryRejection>,
 ) -> ApiResult<ImageRecord> {
     let Path((key, action)) = path?;
+    let Query(q) = query?;
     let action = match action.as_str() {
         "expunge" => return Ok(Json(d.expunge(&key).await?)),
         "disable" => Lifecycle::Disable,
@@ -195,7 +206,7 @@ async fn image_action(
             ))
         }
     };
-    Ok(Json(d.lifecycle(&key, action).await?))
+    Ok(Json(d.lifecycle_with(&key, action, q.force).await?))
 }
 
 async fn no_route() -> Failure {

@@ -36,6 +36,7 @@ use crate::types::{format_size, ImageId};
 
 pub mod lock;
 pub mod serve;
+pub mod volumes;
 
 /// The name of the built-in store, as recorded in catalog rows.
 pub const LOCAL_STORE: &str = "local";
@@ -127,6 +128,8 @@ pub struct Daemon {
     /// Set at shutdown: no new imports.
     closing: AtomicBool,
     default_chunk_size: u32,
+    /// Open volumes and where their overlays live.
+    volumes: volumes::VolumeSet,
 }
 
 impl Daemon {
@@ -140,6 +143,7 @@ impl Daemon {
             imports: Mutex::new(HashMap::new()),
             closing: AtomicBool::new(false),
             default_chunk_size,
+            volumes: volumes::VolumeSet::default(),
         }
     }
 
@@ -162,6 +166,7 @@ impl Daemon {
         })?;
         let store: Arc<dyn Store> = Arc::new(store);
         let daemon = Arc::new(Daemon::new(catalog, store, config.default_chunk_size));
+        daemon.volumes.set_dir(config.state_dir.join("volumes"));
         let r = daemon.recover().await.map_err(|e| DaemonError::Startup {
             context: "start-up recovery failed".into(),
             source: Box::new(e),
@@ -196,6 +201,8 @@ impl Daemon {
             sweep_orphans(self.store.clone(), &chunks, &manifests).await?;
         report.orphan_chunks = orphan_chunks;
         report.orphan_manifests = orphan_manifests;
+        let volumes = self.catalog_call(|c| c.list_volumes()).await?;
+        self.volumes.sweep_orphans(&volumes);
         Ok(report)
     }
 
@@ -226,7 +233,27 @@ impl Daemon {
         id_or_name: &str,
         action: Lifecycle,
     ) -> Result<ImageRecord, DaemonError> {
-        let id = self.get_image(id_or_name).await?.id;
+        self.lifecycle_with(id_or_name, action, false).await
+    }
+
+    /// Like [`Daemon::lifecycle`]; `force` lets `delete` move an image that volumes still
+    /// read from to the recycle bin (hidden for new volumes, still serving existing ones).
+    pub async fn lifecycle_with(
+        &self,
+        id_or_name: &str,
+        action: Lifecycle,
+        force: bool,
+    ) -> Result<ImageRecord, DaemonError> {
+        let image = self.get_image(id_or_name).await?;
+        let id = image.id;
+        if action == Lifecycle::Delete && !force && image.status != ImageStatus::Deleted {
+            self.check_image_unused(
+                id,
+                &image.name,
+                "delete them first, or use --force to hide the image while they keep using it",
+            )
+            .await?;
+        }
         let row = self.catalog_call(move |c| c.transition(id, action)).await?;
         if row.status != ImageStatus::Active {
             self.images.lock().remove(&id);
@@ -236,7 +263,10 @@ impl Daemon {
 
     /// Remove a deleted image for good and delete its chunks no other image uses.
     pub async fn expunge(&self, id_or_name: &str) -> Result<ImageRecord, DaemonError> {
-        let id = self.get_image(id_or_name).await?.id;
+        let image = self.get_image(id_or_name).await?;
+        let id = image.id;
+        self.check_image_unused(id, &image.name, "delete or flatten them first")
+            .await?;
         let (row, digests) = self.catalog_call(move |c| c.expunge(id)).await?;
         self.images.lock().remove(&id);
         // The row is gone: a failure here leaves orphans, which the next start-up sweeps.
@@ -448,6 +478,7 @@ impl ExportRegistry for Daemon {
                         description: export_description(r),
                     })
                     .collect();
+                out.extend(self.volume_listings());
                 out.sort_by(|a, b| a.name.cmp(&b.name));
                 out
             }
@@ -459,6 +490,9 @@ impl ExportRegistry for Daemon {
     }
 
     fn open(&self, name: &str) -> Option<Export> {
+        if name.starts_with(volumes::VOLUME_EXPORT_PREFIX) {
+            return self.open_volume_export(name);
+        }
         let image_name = name.strip_prefix(IMAGE_EXPORT_PREFIX)?;
         // Only names: an id would make two export names for one image.
         validate_name(image_name).ok()?;

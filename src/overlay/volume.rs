@@ -168,7 +168,7 @@ impl BlockDevice for OverlayVolume {
                             offset,
                             len,
                             kind,
-                            residency: Residency::Local,
+                            residency: Residency::Overlay,
                         },
                         &mut out,
                     )
@@ -191,6 +191,13 @@ impl BlockDevice for OverlayVolume {
 
     fn writable(&self) -> Option<&dyn WritableDevice> {
         Some(self)
+    }
+
+    /// Every connection shares this one overlay, and `flush` syncs its data file and writes
+    /// every pending journal record (whoever's write produced it): a FLUSH on one connection
+    /// covers writes acknowledged on all.
+    fn flush_covers_all_connections(&self) -> bool {
+        true
     }
 }
 
