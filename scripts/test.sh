@@ -21,6 +21,13 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
   $SUDO apt-get install -y --no-install-recommends "${need_pkgs[@]}" \
     || { $SUDO apt-get update && $SUDO apt-get install -y --no-install-recommends "${need_pkgs[@]}"; }
 fi
+# A real S3-compatible server for the store tests.
+if ! command -v moto_server >/dev/null 2>&1; then
+  echo "test.sh: installing moto[server] (S3 test server) with pip" >&2
+  python3 -m pip install --quiet 'moto[server]' \
+    || python3 -m pip install --quiet --break-system-packages 'moto[server]'
+  command -v pyenv >/dev/null 2>&1 && pyenv rehash || true
+fi
 # fio must have its nbd engine (Debian's fio is built with libnbd).
 if ! fio --enghelp 2>/dev/null | grep -qw nbd; then
   echo "test.sh: this fio has no nbd engine; the fio tests will fail" >&2

@@ -9,12 +9,24 @@
 //! `$XDG_STATE_HOME/imgcache` or `~/.local/state/imgcache`; it holds `catalog.redb`,
 //! `store/`, `control.sock`, `nbd.sock` and `lock`. NBD over TCP listens on
 //! `127.0.0.1:10809` unless set to `off`.
+//!
+//! Stores: `[stores.NAME]` tables are [`StoreSpec`]s (`docs/stores.md`); the built-in store
+//! `local` (a `dir` store at `STATE/store`) always exists and cannot be redefined.
+//! Cache: the `[cache]` table ([`CacheFileConfig`]); the cache lives in `STATE/cache` and is
+//! bounded to [`DEFAULT_CACHE_MAX`] unless `max-size` says otherwise (a size such as `"50G"`
+//! or a percentage of the file system holding the cache, such as `"25%"`).
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use std::time::Duration;
+
 use serde::{Deserialize, Deserializer};
+
+use crate::cache::CacheConfig;
+use crate::store::spec::StoreSpec;
 
 use crate::error::{Classify, ErrorKind};
 use crate::types::{format_size, parse_size, DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
@@ -23,6 +35,19 @@ use crate::types::{format_size, parse_size, DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, 
 pub const DEFAULT_NBD_TCP: &str = "127.0.0.1:10809";
 /// The default log filter.
 pub const DEFAULT_LOG_LEVEL: &str = "info";
+
+/// The name of the built-in store.
+pub const LOCAL_STORE: &str = "local";
+/// Default chunk fetches in flight (`[cache] fetch-concurrency`).
+pub const DEFAULT_FETCH_CONCURRENCY: usize = 32;
+/// Default read-ahead window (`[cache] readahead-chunks`).
+pub const DEFAULT_READAHEAD_CHUNKS: u64 = 32;
+/// Default chunk size of raw objects registered by `--url`: small enough that a scattered
+/// 4 KiB read costs little more than one round trip, large enough to keep per-chunk memory
+/// low (a 100 GiB object is 800 Ki chunks).
+pub const DEFAULT_OBJECT_CHUNK_SIZE: u32 = 128 * 1024;
+/// The default bound of the chunk cache.
+pub const DEFAULT_CACHE_MAX: u64 = 10 << 30;
 
 /// `sun_path` holds 108 bytes including the terminating NUL.
 const MAX_SOCKET_PATH: usize = 107;
@@ -72,8 +97,22 @@ impl Classify for ConfigError {
 /// control-socket = "/run/imgcache/control.sock"
 /// log-level = "info"            # or a tracing filter such as "imgcache=debug"
 /// default-chunk-size = "1M"     # or a number of bytes
+///
+/// [cache]
+/// dir = "/var/cache/imgcache"   # default STATE/cache
+/// max-size = "50G"              # or "25%" of the file system; default 10G
+/// high-watermark = 0.95
+/// low-watermark = 0.80
+/// fetch-concurrency = 32
+/// fetch-timeout = "30s"
+/// read-timeout = "60s"
+/// readahead-chunks = 32
+///
+/// [stores.web]
+/// type = "http"
+/// url = "https://images.example.com/v1"
 /// ```
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct FileConfig {
     pub state_dir: Option<PathBuf>,
@@ -83,6 +122,26 @@ pub struct FileConfig {
     pub log_level: Option<String>,
     #[serde(default, deserialize_with = "size_value")]
     pub default_chunk_size: Option<String>,
+    #[serde(default)]
+    pub cache: CacheFileConfig,
+    #[serde(default)]
+    pub stores: BTreeMap<String, StoreSpec>,
+}
+
+/// The `[cache]` table as written. Every key optional.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct CacheFileConfig {
+    pub dir: Option<PathBuf>,
+    /// A size (`"50G"`, bytes) or a percentage of the cache file system (`"25%"`).
+    #[serde(default, deserialize_with = "size_value")]
+    pub max_size: Option<String>,
+    pub high_watermark: Option<f64>,
+    pub low_watermark: Option<f64>,
+    pub fetch_concurrency: Option<usize>,
+    pub fetch_timeout: Option<String>,
+    pub read_timeout: Option<String>,
+    pub readahead_chunks: Option<u64>,
 }
 
 /// Command-line overrides of `imgcache serve` (and the environment variables clap maps to them).
@@ -98,7 +157,7 @@ pub struct Overrides {
 }
 
 /// The validated daemon configuration. All paths are absolute.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Config {
     pub state_dir: PathBuf,
     /// `None`: no TCP listener.
@@ -109,6 +168,18 @@ pub struct Config {
     pub log_level: String,
     /// Chunk size for imports that do not choose one, in bytes.
     pub default_chunk_size: u32,
+    /// The chunk cache settings (`max_bytes` resolved).
+    pub cache: CacheConfig,
+    /// Configured stores by name, validated; `local` is not among them (it is built in).
+    pub stores: BTreeMap<String, StoreSpec>,
+}
+
+/// Which cache size the config asks for.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum CacheSize {
+    Bytes(u64),
+    /// A fraction (0, 1] of the file system holding the cache directory.
+    Fraction(f64),
 }
 
 impl Config {
@@ -196,6 +267,40 @@ impl Config {
             })?,
         };
 
+        let cache = resolve_cache(&file.cache, file_base, &state_dir)?;
+        for (name, spec) in &file.stores {
+            if name == LOCAL_STORE || name == "url" {
+                return Err(ConfigError::Invalid {
+                    key: "stores",
+                    value: name.clone(),
+                    reason: "\"local\" (the built-in store) and \"url\" (images added by --url) are reserved; choose another name"
+                        .into(),
+                });
+            }
+            if name.is_empty()
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                return Err(ConfigError::Invalid {
+                    key: "stores",
+                    value: name.clone(),
+                    reason: "a store name is letters, digits, - and _".into(),
+                });
+            }
+            spec.validate(name).map_err(|e| ConfigError::Invalid {
+                key: "stores",
+                value: name.clone(),
+                reason: crate::error::chain(&e),
+            })?;
+        }
+        let mut stores = file.stores.clone();
+        for spec in stores.values_mut() {
+            if let StoreSpec::Dir { path, .. } = spec {
+                *path = file_base.join(&*path);
+            }
+        }
+
         Ok(Config {
             state_dir,
             nbd_tcp,
@@ -203,6 +308,8 @@ impl Config {
             control_socket,
             log_level,
             default_chunk_size,
+            cache,
+            stores,
         })
     }
 
@@ -267,6 +374,122 @@ pub fn state_dir_for(
         Some(h) => Ok(h.join(".local/state/imgcache")),
         None => Err(ConfigError::NoHome),
     }
+}
+
+fn resolve_cache(
+    c: &CacheFileConfig,
+    file_base: &Path,
+    state_dir: &Path,
+) -> Result<CacheConfig, ConfigError> {
+    let dir = c
+        .dir
+        .as_ref()
+        .map(|d| file_base.join(d))
+        .unwrap_or_else(|| state_dir.join("cache"));
+    let size = match c.max_size.as_deref() {
+        None => CacheSize::Bytes(DEFAULT_CACHE_MAX),
+        Some(text) => parse_cache_size(text).map_err(|reason| ConfigError::Invalid {
+            key: "cache.max-size",
+            value: text.to_string(),
+            reason,
+        })?,
+    };
+    let max_bytes = match size {
+        CacheSize::Bytes(n) => n,
+        CacheSize::Fraction(f) => {
+            // The cache directory may not exist yet: measure its nearest existing ancestor.
+            let probe = dir
+                .ancestors()
+                .find(|p| p.exists())
+                .unwrap_or(Path::new("/"));
+            let total = crate::sys::fs_total_bytes(probe).map_err(|e| ConfigError::Invalid {
+                key: "cache.max-size",
+                value: format!("{}%", f * 100.0),
+                reason: format!("cannot measure the file system of {}: {e}", probe.display()),
+            })?;
+            (total as f64 * f) as u64
+        }
+    };
+    let mut cfg = CacheConfig::new(dir, max_bytes);
+    // Measured in benches/lazy.sh (20 ms, 400 Mbit/s): these keep the link full.
+    cfg.fetch_concurrency = DEFAULT_FETCH_CONCURRENCY;
+    cfg.readahead_chunks = DEFAULT_READAHEAD_CHUNKS;
+    let frac = |key: &'static str, v: Option<f64>, default: f64| -> Result<f64, ConfigError> {
+        match v {
+            None => Ok(default),
+            Some(x) if x > 0.0 && x <= 1.0 => Ok(x),
+            Some(x) => Err(ConfigError::Invalid {
+                key,
+                value: x.to_string(),
+                reason: "must be a fraction above 0 and at most 1 (e.g. 0.95)".into(),
+            }),
+        }
+    };
+    cfg.high_watermark = frac("cache.high-watermark", c.high_watermark, cfg.high_watermark)?;
+    cfg.low_watermark = frac("cache.low-watermark", c.low_watermark, cfg.low_watermark)?;
+    if cfg.low_watermark >= cfg.high_watermark {
+        return Err(ConfigError::Invalid {
+            key: "cache.low-watermark",
+            value: cfg.low_watermark.to_string(),
+            reason: format!("must be below high-watermark ({})", cfg.high_watermark),
+        });
+    }
+    if let Some(n) = c.fetch_concurrency {
+        if n == 0 || n > 1024 {
+            return Err(ConfigError::Invalid {
+                key: "cache.fetch-concurrency",
+                value: n.to_string(),
+                reason: "must be from 1 to 1024".into(),
+            });
+        }
+        cfg.fetch_concurrency = n;
+        cfg.reserved_for_demand = cfg.reserved_for_demand.min(n / 2);
+    }
+    let duration = |key: &'static str, v: &Option<String>, default: Duration| match v {
+        None => Ok(default),
+        Some(text) => match humantime::parse_duration(text) {
+            Ok(d) if !d.is_zero() => Ok(d),
+            Ok(_) => Err(ConfigError::Invalid {
+                key,
+                value: text.clone(),
+                reason: "must be more than 0s".into(),
+            }),
+            Err(e) => Err(ConfigError::Invalid {
+                key,
+                value: text.clone(),
+                reason: format!("{e}: write it like \"10s\", \"500ms\" or \"2m\""),
+            }),
+        },
+    };
+    cfg.fetch_timeout = duration("cache.fetch-timeout", &c.fetch_timeout, cfg.fetch_timeout)?;
+    cfg.read_timeout = duration("cache.read-timeout", &c.read_timeout, cfg.read_timeout)?;
+    if let Some(n) = c.readahead_chunks {
+        if n > 1024 {
+            return Err(ConfigError::Invalid {
+                key: "cache.readahead-chunks",
+                value: n.to_string(),
+                reason: "must be at most 1024 (0 turns read-ahead off)".into(),
+            });
+        }
+        cfg.readahead_chunks = n;
+    }
+    Ok(cfg)
+}
+
+/// Parse a cache size: `"50G"`, a number of bytes, or `"25%"` of the file system.
+pub fn parse_cache_size(text: &str) -> Result<CacheSize, String> {
+    let t = text.trim();
+    if let Some(pct) = t.strip_suffix('%') {
+        return match pct.trim().parse::<f64>() {
+            Ok(p) if p > 0.0 && p <= 100.0 => Ok(CacheSize::Fraction(p / 100.0)),
+            _ => Err("a percentage must be above 0% and at most 100% (e.g. \"25%\")".into()),
+        };
+    }
+    let n = parse_size(t)?;
+    if n < 16 << 20 {
+        return Err("the cache needs at least 16M (e.g. \"10G\" or \"25%\")".into());
+    }
+    Ok(CacheSize::Bytes(n))
 }
 
 /// Parse an NBD TCP setting: `off` (no listener) or `HOST:PORT` with a numeric host.
@@ -423,6 +646,103 @@ mod tests {
         let cfg = resolve(&file, &overrides).unwrap();
         assert_eq!(cfg.state_dir, PathBuf::from("/from-flag"));
         assert_eq!(cfg.nbd_tcp, None);
+    }
+
+    #[test]
+    fn cache_and_stores_parse_and_resolve() {
+        let text = r#"
+            [cache]
+            max-size = "2G"
+            low-watermark = 0.5
+            fetch-concurrency = 4
+            fetch-timeout = "2s"
+            read-timeout = "3s"
+            readahead-chunks = 0
+            [stores.web]
+            type = "http"
+            url = "http://127.0.0.1:8080/images"
+            [stores.near]
+            type = "dir"
+            path = "mirror"
+        "#;
+        let file = FileConfig::parse(text, Path::new("c.toml")).unwrap();
+        let cfg = resolve(&file, &Overrides::default()).unwrap();
+        assert_eq!(cfg.cache.dir, PathBuf::from("/state/cache"));
+        assert_eq!(cfg.cache.max_bytes, 2 << 30);
+        assert_eq!(cfg.cache.low_watermark, 0.5);
+        assert_eq!(cfg.cache.high_watermark, 0.95);
+        assert_eq!(cfg.cache.fetch_concurrency, 4);
+        assert_eq!(cfg.cache.fetch_timeout, Duration::from_secs(2));
+        assert_eq!(cfg.cache.read_timeout, Duration::from_secs(3));
+        assert_eq!(cfg.cache.readahead_chunks, 0);
+        assert_eq!(cfg.stores.len(), 2);
+        assert!(matches!(&cfg.stores["near"], StoreSpec::Dir { path, .. }
+            if path == Path::new("/etc/imgcache/mirror")));
+    }
+
+    #[test]
+    fn cache_defaults_to_state_dir_and_10g() {
+        let cfg = resolve(&FileConfig::default(), &Overrides::default()).unwrap();
+        assert_eq!(cfg.cache.dir, PathBuf::from("/state/cache"));
+        assert_eq!(cfg.cache.max_bytes, DEFAULT_CACHE_MAX);
+    }
+
+    #[test]
+    fn cache_size_as_percentage_is_accepted() {
+        assert_eq!(parse_cache_size("25%"), Ok(CacheSize::Fraction(0.25)));
+        assert!(parse_cache_size("0%").is_err());
+        assert!(parse_cache_size("150%").is_err());
+        assert!(parse_cache_size("1K").unwrap_err().contains("16M"));
+    }
+
+    #[test]
+    fn inverted_watermarks_are_rejected() {
+        let file = FileConfig::parse(
+            "[cache]\nhigh-watermark = 0.5\nlow-watermark = 0.6\n",
+            Path::new("c"),
+        )
+        .unwrap();
+        let err = resolve(&file, &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cache.low-watermark"), "{err}");
+        assert!(err.contains("below high-watermark"), "{err}");
+    }
+
+    #[test]
+    fn bad_fetch_timeout_is_rejected() {
+        let file =
+            FileConfig::parse("[cache]\nfetch-timeout = \"soon\"\n", Path::new("c")).unwrap();
+        let err = resolve(&file, &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cache.fetch-timeout"), "{err}");
+    }
+
+    #[test]
+    fn store_named_local_is_rejected() {
+        let file = FileConfig::parse(
+            "[stores.local]\ntype = \"dir\"\npath = \"/x\"\n",
+            Path::new("c"),
+        )
+        .unwrap();
+        let err = resolve(&file, &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("reserved"), "{err}");
+    }
+
+    #[test]
+    fn invalid_store_spec_is_rejected_at_load() {
+        let file = FileConfig::parse(
+            "[stores.web]\ntype = \"http\"\nurl = \"http://x/\"\nmax-concurrency = 0\n",
+            Path::new("c"),
+        )
+        .unwrap();
+        let err = resolve(&file, &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("max-concurrency"), "{err}");
     }
 
     #[test]

@@ -18,7 +18,9 @@ use clap::{ArgAction, Args, Parser, Subcommand};
 mod volume_cmd;
 
 use imgcache::api::client::{Action, Client};
-use imgcache::api::types::{AddImageRequest, AddProgress};
+use imgcache::api::types::{
+    AddImageRequest, AddProgress, CacheView, PushRequest, StoreInfo, WarmRequest,
+};
 use imgcache::catalog::{
     validate_architecture, validate_name, validate_property, validate_tag, ContainerFormat,
     DiskFormat, Firmware, ImageAttributes, ImagePatch, ImageRecord, ImageType, Lifecycle, OsType,
@@ -54,6 +56,32 @@ enum Command {
     /// Manage copy-on-write volumes (VM disks over images)
     #[command(subcommand)]
     Volume(volume_cmd::VolumeCommand),
+    /// Image stores
+    #[command(subcommand)]
+    Store(StoreCommand),
+    /// The chunk cache of remote images
+    #[command(subcommand)]
+    Cache(CacheCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum StoreCommand {
+    /// List the stores, their kind and location, and whether they answer
+    List {
+        /// Print JSON instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CacheCommand {
+    /// Show the cache's size, counters and per-image residency
+    Status {
+        /// Print JSON instead of a table
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -80,8 +108,38 @@ struct ServeArgs {
 
 #[derive(Debug, Subcommand)]
 enum ImageCommand {
-    /// Import a raw disk file as a new image
+    /// Import a raw disk file, or register an image in a store (--store --manifest) or at a
+    /// URL (--url) without copying it
     Add(AddArgs),
+    /// Upload a local image's chunks and manifest to a store (chunks already there are skipped)
+    Push {
+        /// Image name or id
+        image: String,
+        /// Name of a configured store
+        #[arg(long)]
+        store: String,
+    },
+    /// Fetch all of a remote image into the cache
+    Warm {
+        /// Image name or id
+        image: String,
+        /// Pin the image first (never evicted)
+        #[arg(long)]
+        pin: bool,
+        /// Bytes per second, e.g. 50M [default: unlimited]
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        rate: Option<u64>,
+        /// Chunk fetches in flight [default: the cache's fetch-concurrency]
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+        parallel: Option<u16>,
+        /// Print the report as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Keep a remote image's cached chunks from eviction
+    Pin { image: String },
+    /// Let a remote image's cached chunks be evicted again
+    Unpin { image: String },
     /// List images
     List {
         /// Include deleted images (the recycle bin)
@@ -168,12 +226,22 @@ struct AddArgs {
     #[arg(value_parser = parse_name)]
     name: String,
     /// Raw disk file to import (on the daemon's host)
-    #[arg(long, value_name = "PATH")]
-    file: PathBuf,
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["manifest", "url"], conflicts_with_all = ["manifest", "url"])]
+    file: Option<PathBuf>,
+    /// Register a native image that lives in this configured store (with --manifest)
+    #[arg(long, value_name = "STORE", requires = "manifest")]
+    store: Option<String>,
+    /// The manifest key of the image in --store (e.g. manifests/UUID, as `image push` prints)
+    #[arg(long, value_name = "KEY", requires = "store", conflicts_with = "url")]
+    manifest: Option<String>,
+    /// Register a raw image object: http(s)://HOST/PATH or s3://BUCKET/KEY
+    #[arg(long, value_name = "URL")]
+    url: Option<String>,
     /// Chunk size, a power of two from 64K to 16M [default: the daemon's, 1M]
     #[arg(long, value_name = "SIZE", value_parser = parse_chunk_size)]
     chunk_size: Option<u32>,
-    /// Expected checksum of the file: md5:HEX or sha256:HEX
+    /// Expected checksum of the file: md5:HEX or sha256:HEX (recorded unverified for
+    /// --manifest and --url images)
     #[arg(long, value_name = "ALGO:HEX", value_parser = parse_checksum)]
     checksum: Option<String>,
     #[command(flatten)]
@@ -254,25 +322,38 @@ fn strip_os_error(msg: &str) -> &str {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
-        Command::Serve(args) => serve(cli.state_dir, args),
-        Command::Image(cmd) => {
-            let socket = control_socket(cli.socket, cli.state_dir)?;
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .context("cannot start the async runtime")?;
-            rt.block_on(image_command(Client::new(socket), cmd))
-        }
-        Command::Volume(cmd) => {
-            let socket = control_socket(cli.socket, cli.state_dir)?;
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .context("cannot start the async runtime")?;
-            rt.block_on(volume_cmd::run(Client::new(socket), cmd))
-        }
+    if let Command::Serve(args) = cli.command {
+        return serve(cli.state_dir, args);
     }
+    let socket = control_socket(cli.socket, cli.state_dir)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let client = Client::new(socket);
+    rt.block_on(async move {
+        match cli.command {
+            Command::Serve(_) => unreachable!("handled above"),
+            Command::Image(cmd) => image_command(client, cmd).await,
+            Command::Volume(cmd) => volume_cmd::run(client, cmd).await,
+            Command::Store(StoreCommand::List { json }) => {
+                let stores = client.list_stores().await?;
+                if json {
+                    print_out(&(serde_json::to_string_pretty(&stores)? + "\n"))
+                } else {
+                    print_out(&format_stores(&stores))
+                }
+            }
+            Command::Cache(CacheCommand::Status { json }) => {
+                let view = client.cache_status().await?;
+                if json {
+                    print_out(&(serde_json::to_string_pretty(&view)? + "\n"))
+                } else {
+                    print_out(&format_cache(&view))
+                }
+            }
+        }
+    })
 }
 
 fn serve(state_dir: Option<PathBuf>, args: ServeArgs) -> anyhow::Result<()> {
@@ -348,6 +429,64 @@ async fn image_command(client: Client, cmd: ImageCommand) -> anyhow::Result<()> 
             print_out(&format!("image {} is now {}\n", row.name, row.status))
         }
         ImageCommand::Recover { image } => action(&client, &image, Lifecycle::Recover).await,
+        ImageCommand::Push { image, store } => {
+            let mut bar = ProgressDisplay::new(std::io::stderr().is_terminal());
+            let result = client
+                .push_image(&image, &PushRequest { store }, |p| bar.update(p))
+                .await;
+            bar.finish(result.is_ok());
+            let r = result?;
+            print_out(&format!(
+                "pushed image {image} to store {}\nmanifest: {}\nchunks:   {} ({} uploaded, {} already there)\nuploaded: {}\nregister it elsewhere with: imgcache image add NAME --store STORE --manifest {}\n",
+                r.store,
+                r.manifest_key,
+                r.chunks_total,
+                r.chunks_uploaded,
+                r.chunks_skipped,
+                format_size(r.bytes_uploaded),
+                r.manifest_key
+            ))
+        }
+        ImageCommand::Warm {
+            image,
+            pin,
+            rate,
+            parallel,
+            json,
+        } => {
+            let req = WarmRequest {
+                pin,
+                rate,
+                parallel: parallel.map(usize::from),
+            };
+            let mut bar = ProgressDisplay::new(std::io::stderr().is_terminal());
+            let started = std::time::Instant::now();
+            let result = client.warm_image(&image, &req, |p| bar.update(p)).await;
+            bar.finish(result.is_ok());
+            let r = result?;
+            let secs = started.elapsed().as_secs_f64();
+            if json {
+                return print_out(&(serde_json::to_string_pretty(&r)? + "\n"));
+            }
+            print_out(&format!(
+                "warmed image {image}{}\nchunks:  {} with data, {} were cached, {} fetched\nfetched: {} in {:.1}s ({}/s)\n",
+                if pin { " (pinned)" } else { "" },
+                r.data_chunks,
+                r.already_cached,
+                r.fetched_chunks,
+                format_size(r.fetched_bytes),
+                secs,
+                format_size((r.fetched_bytes as f64 / secs.max(1e-3)) as u64),
+            ))
+        }
+        ImageCommand::Pin { image } => {
+            let row = client.image_action(&image, Action::Pin).await?;
+            print_out(&format!("image {} is pinned\n", row.name))
+        }
+        ImageCommand::Unpin { image } => {
+            let row = client.image_action(&image, Action::Unpin).await?;
+            print_out(&format!("image {} is unpinned\n", row.name))
+        }
         ImageCommand::Expunge { image } => {
             let row = client.image_action(&image, Action::Expunge).await?;
             print_out(&format!("expunged image {} ({})\n", row.name, row.id))
@@ -363,13 +502,19 @@ async fn action(client: &Client, image: &str, action: Lifecycle) -> anyhow::Resu
 }
 
 async fn add(client: &Client, args: AddArgs) -> anyhow::Result<()> {
-    let file = std::path::absolute(&args.file)
-        .with_context(|| format!("invalid file path {}", args.file.display()))?;
-    if let Err(e) = std::fs::metadata(&file) {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            bail!("cannot open {}: no such file", file.display());
+    let file = match &args.file {
+        None => None,
+        Some(f) => {
+            let file = std::path::absolute(f)
+                .with_context(|| format!("invalid file path {}", f.display()))?;
+            if let Err(e) = std::fs::metadata(&file) {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    bail!("cannot open {}: no such file", file.display());
+                }
+            }
+            Some(file)
         }
-    }
+    };
     let mut attributes = attributes(args.attrs);
     if args.protected {
         attributes.protected = Some(true);
@@ -383,6 +528,9 @@ async fn add(client: &Client, args: AddArgs) -> anyhow::Result<()> {
     let req = AddImageRequest {
         name: args.name,
         file,
+        store: args.store,
+        manifest: args.manifest,
+        url: args.url,
         chunk_size: args.chunk_size.map(u64::from),
         checksum: args.checksum,
         attributes,
@@ -400,6 +548,9 @@ async fn add(client: &Client, args: AddArgs) -> anyhow::Result<()> {
     );
     out += &format!("md5:    {}\n", row.md5.as_deref().unwrap_or("-"));
     out += &format!("sha256: {}\n", row.sha256.as_deref().unwrap_or("-"));
+    if row.store != "local" || row.manifest_key.is_empty() {
+        out += &format!("store:  {} (read lazily through the cache)\n", row.store);
+    }
     print_out(&out)
 }
 
@@ -513,6 +664,108 @@ impl ProgressDisplay {
 
 fn format_time(secs: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs)).to_string()
+}
+
+/// Columns separated by two spaces, each as wide as its widest cell; the last not padded.
+fn render_table(cells: &[Vec<String>]) -> String {
+    let ncol = cells.first().map_or(0, Vec::len);
+    let widths: Vec<usize> = (0..ncol)
+        .map(|c| {
+            cells
+                .iter()
+                .map(|r| r[c].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for row in cells {
+        let mut line = String::new();
+        for (c, cell) in row.iter().enumerate() {
+            line.push_str(cell);
+            if c + 1 < row.len() {
+                line.push_str(&" ".repeat(widths[c] - cell.chars().count() + 2));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// The `store list` table.
+fn format_stores(stores: &[StoreInfo]) -> String {
+    let mut cells = vec![["NAME", "KIND", "LOCATION", "REACHABLE"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect::<Vec<_>>()];
+    for s in stores {
+        cells.push(vec![
+            s.name.clone(),
+            s.kind.clone(),
+            s.location.clone(),
+            match &s.error {
+                None => "yes".to_string(),
+                Some(e) => format!("no ({e})"),
+            },
+        ]);
+    }
+    render_table(&cells)
+}
+
+/// The `cache status` summary and per-image table.
+fn format_cache(v: &CacheView) -> String {
+    let s = &v.status;
+    let pct = |a: u64, b: u64| {
+        if b == 0 {
+            "-".to_string()
+        } else {
+            format!("{:.1}%", a as f64 * 100.0 / b as f64)
+        }
+    };
+    let mut out = String::new();
+    out += &format!("dir:       {}\n", s.dir);
+    out += &format!(
+        "used:      {} of {} ({}; evicts above {:.0}% down to {:.0}%)\n",
+        format_size(s.used_bytes),
+        format_size(s.max_bytes),
+        pct(s.used_bytes, s.max_bytes),
+        v.high_watermark * 100.0,
+        v.low_watermark * 100.0
+    );
+    out += &format!(
+        "hit ratio: {:.1}% ({} hits, {} misses)\n",
+        s.hit_ratio * 100.0,
+        s.hits,
+        s.misses
+    );
+    out += &format!("fetched:   {}\n", format_size(s.fetched_bytes));
+    out += &format!("corrupt:   {} chunks (re-fetched)\n", s.corrupt_chunks);
+    out += &format!(
+        "evicted:   {} chunks ({})\n",
+        s.evicted_chunks,
+        format_size(s.evicted_bytes)
+    );
+    if v.rows.is_empty() {
+        return out;
+    }
+    out.push('\n');
+    let mut cells = vec![["IMAGE", "CACHED", "TOTAL", "%", "PINNED"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect::<Vec<_>>()];
+    for r in &v.rows {
+        cells.push(vec![
+            r.name.clone(),
+            format_size(r.cached_bytes),
+            r.total_bytes.map_or_else(|| "?".into(), format_size),
+            r.total_bytes
+                .map_or_else(|| "?".into(), |t| pct(r.cached_bytes, t)),
+            if r.pinned { "yes" } else { "no" }.to_string(),
+        ]);
+    }
+    out += &render_table(&cells);
+    out
 }
 
 /// The `image list` table: a header and one row per image, columns separated by two spaces.
@@ -709,6 +962,7 @@ mod tests {
             updated_at: 1_700_000_000,
             store: "local".into(),
             manifest_key: "manifests/x".into(),
+            source: Default::default(),
         }
     }
 

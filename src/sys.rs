@@ -131,6 +131,21 @@ pub fn is_memory_backed(file: &File) -> bool {
     is_memory_statfs(&st)
 }
 
+/// The total size in bytes of the file system holding `path`.
+pub fn fs_total_bytes(path: &std::path::Path) -> io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: an all-zero statvfs is a valid value of this plain C struct.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path and `st` a writable statvfs, both live for the call.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    #[allow(clippy::unnecessary_cast)]
+    Ok(st.f_blocks as u64 * st.f_frsize as u64)
+}
+
 /// Raise the soft limit of open files to the hard limit (the cache and the local store keep
 /// many files open). Returns the new soft limit.
 pub fn raise_fd_limit() -> u64 {

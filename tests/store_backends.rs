@@ -12,6 +12,7 @@ use common_remote::conformance;
 use common_remote::moto::Moto;
 use common_remote::range_server::{RangeServer, RangeServerConfig};
 use imgcache::error::{Classify, ErrorKind};
+use imgcache::store::dir::DirStore;
 use imgcache::store::mem::MemStore;
 use imgcache::store::object::{RemoteStore, S3Config};
 use imgcache::store::retry::{RetryPolicy, RetryStore};
@@ -72,10 +73,25 @@ async fn retry_wrapped_store_passes_conformance() {
     conformance::read_write(&store).await;
 }
 
-// DirStore is still a signature stub in this tree (it does not implement `Store` yet); when it
-// does, its run is:
-//     let dir = tempfile::tempdir().unwrap();
-//     conformance::read_write(&DirStore::open(dir.path().join("store")).unwrap()).await;
+#[tokio::test]
+async fn dir_store_passes_conformance() {
+    let dir = tempfile::tempdir().unwrap();
+
+    conformance::read_write(&DirStore::open(dir.path().join("store")).unwrap()).await;
+}
+
+#[tokio::test]
+async fn dir_store_from_spec_passes_conformance() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec: StoreSpec = toml::from_str(&format!(
+        "type = \"dir\"\npath = {:?}\n",
+        dir.path().join("s")
+    ))
+    .unwrap();
+    let store = open_store("near", &spec).unwrap();
+
+    conformance::read_write(&*store).await;
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_store_passes_conformance() {

@@ -16,9 +16,10 @@ use serde::Serialize;
 use tokio::net::UnixStream;
 
 use super::types::{
-    kind_from_name, AddEvent, AddImageRequest, AddProgress, ErrorBody, Health, NdjsonDecoder,
-    NdjsonError,
+    kind_from_name, AddEvent, AddImageRequest, AddProgress, CacheView, ErrorBody, Health,
+    NdjsonDecoder, NdjsonError, PushReport, PushRequest, StoreInfo, WarmRequest,
 };
+use crate::cache::WarmReport;
 use crate::catalog::{ImagePatch, ImageRecord, Lifecycle};
 use crate::error::{Classify, ErrorKind};
 
@@ -64,6 +65,8 @@ pub struct Client {
 pub enum Action {
     Lifecycle(Lifecycle),
     Expunge,
+    Pin,
+    Unpin,
 }
 
 impl Action {
@@ -74,6 +77,8 @@ impl Action {
             Action::Lifecycle(Lifecycle::Delete) => "delete",
             Action::Lifecycle(Lifecycle::Recover) => "recover",
             Action::Expunge => "expunge",
+            Action::Pin => "pin",
+            Action::Unpin => "unpin",
         }
     }
 }
@@ -134,23 +139,82 @@ impl Client {
     pub async fn add_image(
         &self,
         req: &AddImageRequest,
-        mut on_progress: impl FnMut(AddProgress),
+        on_progress: impl FnMut(AddProgress),
     ) -> Result<ImageRecord, ClientError> {
-        let resp = self.send(Method::POST, "/v1/images", Some(req)).await?;
+        match self
+            .stream(Method::POST, "/v1/images", Some(req), on_progress)
+            .await?
+        {
+            AddEvent::Image(row) => Ok(*row),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Fetch every chunk of a remote image into the cache; returns the warm report.
+    pub async fn warm_image(
+        &self,
+        id_or_name: &str,
+        req: &WarmRequest,
+        on_progress: impl FnMut(AddProgress),
+    ) -> Result<WarmReport, ClientError> {
+        let path = format!("/v1/images/{}/warm", encode_segment(id_or_name));
+        match self
+            .stream(Method::POST, &path, Some(req), on_progress)
+            .await?
+        {
+            AddEvent::Warm(report) => Ok(report),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Upload a local image to a store; returns the push report.
+    pub async fn push_image(
+        &self,
+        id_or_name: &str,
+        req: &PushRequest,
+        on_progress: impl FnMut(AddProgress),
+    ) -> Result<PushReport, ClientError> {
+        let path = format!("/v1/images/{}/push", encode_segment(id_or_name));
+        match self
+            .stream(Method::POST, &path, Some(req), on_progress)
+            .await?
+        {
+            AddEvent::Push(report) => Ok(report),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    pub async fn list_stores(&self) -> Result<Vec<StoreInfo>, ClientError> {
+        self.call(Method::GET, "/v1/stores", None::<&()>).await
+    }
+
+    pub async fn cache_status(&self) -> Result<CacheView, ClientError> {
+        self.call(Method::GET, "/v1/cache", None::<&()>).await
+    }
+
+    /// Send a request answered by an NDJSON progress stream; returns its final event.
+    async fn stream(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&impl Serialize>,
+        mut on_progress: impl FnMut(AddProgress),
+    ) -> Result<AddEvent, ClientError> {
+        let resp = self.send(method, path, body).await?;
         let resp = check_status(resp).await?;
         let mut body = resp.into_body();
         let mut decoder = NdjsonDecoder::new();
-        let mut handle = |ev: AddEvent| -> Option<Result<ImageRecord, ClientError>> {
+        let mut handle = |ev: AddEvent| -> Option<Result<AddEvent, ClientError>> {
             match ev {
                 AddEvent::Progress(p) => {
                     on_progress(p);
                     None
                 }
-                AddEvent::Image(row) => Some(Ok(*row)),
                 AddEvent::Error(e) => Some(Err(ClientError::Api {
                     kind: kind_from_name(&e.kind),
                     message: e.message,
                 })),
+                done => Some(Ok(done)),
             }
         };
         while let Some(frame) = body.frame().await {
@@ -168,7 +232,7 @@ impl Client {
             return done;
         }
         Err(ClientError::Protocol(
-            "the add stream ended without a result (did the daemon stop?)".into(),
+            "the progress stream ended without a result (did the daemon stop?)".into(),
         ))
     }
 
@@ -222,6 +286,10 @@ impl Client {
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
         sender.send_request(req).await.map_err(ClientError::Http)
     }
+}
+
+fn unexpected(ev: &AddEvent) -> ClientError {
+    ClientError::Protocol(format!("unexpected final line {ev:?}"))
 }
 
 /// Turn a non-2xx answer into [`ClientError::Api`] using its error body.

@@ -24,9 +24,11 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::types::{
-    kind_name, AddEvent, AddImageRequest, AddProgress, ApiError, ErrorBody, Health, MAX_BODY_BYTES,
+    kind_name, AddEvent, AddImageRequest, AddProgress, ApiError, CacheView, ErrorBody, Health,
+    PushRequest, StoreInfo, WarmRequest, MAX_BODY_BYTES,
 };
 use crate::catalog::{ImagePatch, ImageRecord, Lifecycle};
+use crate::daemon::lazy::RegisterFrom;
 use crate::daemon::{AddImage, Daemon, DaemonError};
 use crate::error::chain as error_chain;
 use crate::error::{Classify, ErrorKind};
@@ -58,8 +60,12 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
             "/v1/images/{id_or_name}",
             get(show_image).patch(update_image),
         )
+        .route("/v1/images/{id_or_name}/warm", post(warm_image))
+        .route("/v1/images/{id_or_name}/push", post(push_image))
         .route("/v1/images/{id_or_name}/{action}", post(image_action))
         .merge(super::volumes::routes())
+        .route("/v1/stores", get(list_stores))
+        .route("/v1/cache", get(cache_status))
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -193,6 +199,8 @@ async fn image_action(
     let Query(q) = query?;
     let action = match action.as_str() {
         "expunge" => return Ok(Json(d.expunge(&key).await?)),
+        "pin" => return Ok(Json(d.pin_image(&key, true).await?)),
+        "unpin" => return Ok(Json(d.pin_image(&key, false).await?)),
         "disable" => Lifecycle::Disable,
         "enable" => Lifecycle::Enable,
         "delete" => Lifecycle::Delete,
@@ -201,7 +209,7 @@ async fn image_action(
             return Err(Failure::new(
                 ErrorKind::NotFound,
                 format!(
-                "unknown image action {other:?}: use disable, enable, delete, recover or expunge"
+                "unknown image action {other:?}: use disable, enable, delete, recover, expunge, pin, unpin, warm or push"
             ),
             ))
         }
@@ -228,22 +236,61 @@ async fn add_image(
     body: Result<Json<AddImageRequest>, JsonRejection>,
 ) -> Result<Response, Failure> {
     let Json(req) = body?;
+    let from = match (req.store, req.manifest, req.url) {
+        (None, None, None) => None,
+        (Some(store), Some(key), None) => Some(RegisterFrom::Manifest { store, key }),
+        (None, None, Some(url)) => Some(RegisterFrom::Url {
+            url,
+            chunk_size: req.chunk_size,
+        }),
+        (Some(_), None, None) | (None, Some(_), None) => {
+            return Err(Failure::new(
+                ErrorKind::InvalidInput,
+                "a store and a manifest go together: give both",
+            ))
+        }
+        _ => {
+            return Err(Failure::new(
+                ErrorKind::InvalidInput,
+                "give a URL or a store and a manifest, not both",
+            ))
+        }
+    };
+    if from.is_some() == req.file.is_some() {
+        return Err(Failure::new(
+            ErrorKind::InvalidInput,
+            "give exactly one of file, store + manifest, or url",
+        ));
+    }
     let cancel = Arc::new(AtomicBool::new(false));
-    let (progress_tx, progress_rx) = watch::channel(AddProgress { done: 0, total: 0 });
-    let progress = Arc::new(move |done, total| {
-        let _ = progress_tx.send(AddProgress { done, total });
-    });
     let add = AddImage {
         name: req.name,
         file: req.file,
+        from,
         chunk_size: req.chunk_size,
         checksum: req.checksum,
         attributes: req.attributes,
     };
-    let task = {
-        let cancel = cancel.clone();
-        tokio::spawn(async move { d.add_image(add, progress, cancel).await })
-    };
+    let c = cancel.clone();
+    Ok(progress_stream(cancel, move |progress| async move {
+        d.add_image(add, progress, c)
+            .await
+            .map(|row| AddEvent::Image(Box::new(row)))
+    }))
+}
+
+/// Run `work` on its own task and answer with its NDJSON progress stream: progress lines,
+/// then its final event (or an error line). `cancel` is set if the client goes away.
+fn progress_stream<F, Fut>(cancel: Arc<AtomicBool>, work: F) -> Response
+where
+    F: FnOnce(crate::image::Progress) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<AddEvent, DaemonError>> + Send + 'static,
+{
+    let (progress_tx, progress_rx) = watch::channel(AddProgress { done: 0, total: 0 });
+    let progress = Arc::new(move |done, total| {
+        let _ = progress_tx.send(AddProgress { done, total });
+    });
+    let task = tokio::spawn(async move { work(progress).await });
     let stream = AddStream {
         progress: progress_rx,
         task: Some(task),
@@ -251,7 +298,48 @@ async fn add_image(
         _cancel: CancelOnDrop(cancel),
     };
     let body = Body::from_stream(futures::stream::unfold(stream, AddStream::next_line));
-    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response())
+    ([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response()
+}
+
+async fn warm_image(
+    State(d): State<Arc<Daemon>>,
+    key: Result<Path<String>, PathRejection>,
+    body: Result<Json<WarmRequest>, JsonRejection>,
+) -> Result<Response, Failure> {
+    let Path(key) = key?;
+    let Json(req) = body?;
+    // Fail fast (before the stream starts) on a bad image.
+    d.get_image(&key).await?;
+    Ok(progress_stream(
+        Arc::new(AtomicBool::new(false)),
+        move |progress| async move { d.warm_image(&key, req, progress).await.map(AddEvent::Warm) },
+    ))
+}
+
+async fn push_image(
+    State(d): State<Arc<Daemon>>,
+    key: Result<Path<String>, PathRejection>,
+    body: Result<Json<PushRequest>, JsonRejection>,
+) -> Result<Response, Failure> {
+    let Path(key) = key?;
+    let Json(req) = body?;
+    d.get_image(&key).await?;
+    Ok(progress_stream(
+        Arc::new(AtomicBool::new(false)),
+        move |progress| async move {
+            d.push_image(&key, &req.store, progress)
+                .await
+                .map(AddEvent::Push)
+        },
+    ))
+}
+
+async fn list_stores(State(d): State<Arc<Daemon>>) -> Json<Vec<StoreInfo>> {
+    Json(d.list_stores().await)
+}
+
+async fn cache_status(State(d): State<Arc<Daemon>>) -> ApiResult<CacheView> {
+    Ok(Json(d.cache_view().await?))
 }
 
 /// Cancels the import when the response stream is dropped (the client went away). After the
@@ -267,7 +355,7 @@ impl Drop for CancelOnDrop {
 struct AddStream {
     progress: watch::Receiver<AddProgress>,
     /// `None` once the final line went out.
-    task: Option<JoinHandle<Result<ImageRecord, DaemonError>>>,
+    task: Option<JoinHandle<Result<AddEvent, DaemonError>>>,
     last_sent: Option<(AddProgress, tokio::time::Instant)>,
     _cancel: CancelOnDrop,
 }
@@ -283,7 +371,7 @@ impl AddStream {
                 joined = &mut *task => {
                     self.task = None;
                     let event = match joined {
-                        Ok(Ok(row)) => AddEvent::Image(Box::new(row)),
+                        Ok(Ok(event)) => event,
                         Ok(Err(e)) => AddEvent::Error(Failure::from(e).error),
                         Err(e) => AddEvent::Error(
                             Failure::new(ErrorKind::Internal, format!("import task failed: {e}")).error,

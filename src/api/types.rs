@@ -7,7 +7,11 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::cache::WarmReport;
 use crate::catalog::{ImageAttributes, ImageRecord};
+pub use crate::daemon::lazy::{
+    CacheView, ImageCacheRow, PushReport, PushRequest, StoreInfo, WarmRequest,
+};
 use crate::error::ErrorKind;
 
 /// The largest request body the server accepts.
@@ -16,13 +20,24 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 /// The largest NDJSON line the client accepts (an image record with many properties).
 pub const MAX_LINE_BYTES: usize = 4 * 1024 * 1024;
 
-/// `POST /v1/images`.
+/// `POST /v1/images`: exactly one of `file` (import), `store` + `manifest` (register a
+/// native image in a store) or `url` (register a raw object).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AddImageRequest {
     pub name: String,
     /// Absolute path of a raw file on the daemon's host.
-    pub file: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<PathBuf>,
+    /// A configured store holding the image's manifest and chunks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<String>,
+    /// The manifest's key in `store`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest: Option<String>,
+    /// `http(s)://…` or `s3://bucket/key` of a raw image object.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
     /// Bytes; the daemon's default when absent.
     #[serde(default)]
     pub chunk_size: Option<u64>,
@@ -62,13 +77,17 @@ pub struct AddProgress {
     pub total: u64,
 }
 
-/// One line of the add stream.
+/// One line of a progress stream (add, push, warm).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AddEvent {
     Progress(AddProgress),
-    /// Final: the committed image.
+    /// Final line of an add: the committed image.
     Image(Box<ImageRecord>),
+    /// Final line of a warm.
+    Warm(WarmReport),
+    /// Final line of a push.
+    Push(PushReport),
     /// Final: the add failed and left nothing behind.
     Error(ApiError),
 }

@@ -612,6 +612,21 @@ impl CachedImage {
         Ok(())
     }
 
+    /// The present chunks as index rows (for handing them back to the cache on drop).
+    fn present_rows(&self) -> Vec<IndexedChunk> {
+        let mut rows = Vec::new();
+        for (i, slot) in self.slots.iter().enumerate() {
+            if let Some(crcs) = slot.crcs.read().as_ref() {
+                rows.push(IndexedChunk {
+                    index: i as u64,
+                    len: self.chunk_len(i as u64) as u32,
+                    crcs: crcs.clone(),
+                });
+            }
+        }
+        rows
+    }
+
     /// Forget every chunk in memory (the caller removes index rows and the file).
     pub(super) fn forget_all(&self) {
         for (i, slot) in self.slots.iter().enumerate() {
@@ -729,5 +744,24 @@ fn clone_error(e: &CacheError, index: u64) -> CacheError {
             other.to_string(),
             io::Error::other(format!("chunk {index}")),
         ),
+    }
+}
+
+/// A closed image's chunks stay cached: they go back to the cache's orphans, where eviction,
+/// `status` and `remove_image` see them and the next `open_image` adopts them.
+impl Drop for CachedImage {
+    fn drop(&mut self) {
+        let rows = self.present_rows();
+        if rows.is_empty() {
+            return;
+        }
+        // Not under the images lock: handles are dropped while it is held (status, pin).
+        // An `open_image` racing with this drop misses these rows until the next start.
+        self.inner
+            .orphans
+            .lock()
+            .entry(self.key.clone())
+            .or_default()
+            .extend(rows);
     }
 }

@@ -64,6 +64,18 @@ pub struct FinishImport {
     pub manifest_key: String,
 }
 
+/// What registering an image that lives elsewhere sets on its row (nothing is copied).
+#[derive(Debug, Clone)]
+pub struct FinishRegister {
+    pub virtual_size: u64,
+    pub chunk_size: u32,
+    /// Lower-case hex, when the user gave one (unverified).
+    pub md5: Option<String>,
+    pub sha256: Option<String>,
+    pub manifest_key: String,
+    pub source: ImageSource,
+}
+
 /// The catalog database.
 pub struct Catalog {
     db: Database,
@@ -136,6 +148,7 @@ impl Catalog {
             updated_at: now,
             store: store.to_owned(),
             manifest_key: format!("manifests/{id}"),
+            source: ImageSource::Native,
         };
         apply_attributes(&mut rec, attrs)?;
         self.write("adding an image", |t| {
@@ -202,6 +215,46 @@ impl Catalog {
                 t.refs
                     .insert(d.0, count + 1)
                     .ctx("adding a chunk reference")?;
+            }
+            Ok(rec)
+        })
+    }
+
+    /// Mark an importing row active as an image registered in place: its bytes stay in a
+    /// remote store or object and the catalog references no local chunks (its chunk list is
+    /// empty). The row must be `importing` (else `Conflict`).
+    pub fn finish_register(
+        &self,
+        id: ImageId,
+        facts: &FinishRegister,
+    ) -> Result<ImageRecord, CatalogError> {
+        self.write("finishing a registration", |t| {
+            let mut rec = t.get(id)?;
+            if rec.status != ImageStatus::Importing {
+                return Err(CatalogError::Conflict(format!(
+                    "cannot finish the registration of image {:?}: it is {}, not importing",
+                    rec.name, rec.status
+                )));
+            }
+            rec.virtual_size = facts.virtual_size;
+            rec.stored_size = 0;
+            rec.chunk_size = facts.chunk_size;
+            rec.md5 = facts.md5.as_ref().map(|s| s.to_ascii_lowercase());
+            rec.sha256 = facts.sha256.as_ref().map(|s| s.to_ascii_lowercase());
+            rec.manifest_key = facts.manifest_key.clone();
+            rec.source = facts.source.clone();
+            rec.status = ImageStatus::Active;
+            rec.updated_at = now_secs();
+            t.put(&rec)?;
+            let previous = t
+                .chunks
+                .insert(id_key(id), encode_digests(&[]).as_slice())
+                .ctx("writing an image's chunk list")?
+                .is_some();
+            if previous {
+                return Err(CatalogError::corrupt(format!(
+                    "registering image {id} already has a chunk list"
+                )));
             }
             Ok(rec)
         })

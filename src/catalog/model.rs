@@ -130,8 +130,34 @@ pub struct ImageRecord {
     pub updated_at: u64,
     /// Name of the store holding the manifest and chunks (`local` for the built-in store).
     pub store: String,
-    /// Store key of the manifest.
+    /// Store key of the manifest (native images) or of the raw object (`object` images).
     pub manifest_key: String,
+    /// Where the image's bytes come from. Rows written before this field existed are native.
+    #[serde(default)]
+    pub source: ImageSource,
+}
+
+/// Where an image's bytes come from.
+///
+/// - `native`: a manifest and content-addressed chunks in store `store` (the local store for
+///   imported images; another configured store for pushed or registered ones, read lazily
+///   through the chunk cache and verified by digest).
+/// - `object`: one plain raw object at `url` (`http(s)://…` or `s3://bucket/key`), read by
+///   byte range through the chunk cache in chunks of `chunk_size`; nothing verifies its bytes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum ImageSource {
+    #[default]
+    Native,
+    Object {
+        url: String,
+    },
+}
+
+impl ImageSource {
+    pub fn is_native(&self) -> bool {
+        matches!(self, ImageSource::Native)
+    }
 }
 
 /// Attributes a user sets when adding an image; every field optional with a default.

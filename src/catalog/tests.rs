@@ -1039,3 +1039,81 @@ mod model_test {
         }
     }
 }
+
+// ---- images registered in place (remote stores, raw objects) ----
+
+#[test]
+fn row_written_before_source_existed_loads_as_native() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = db_path(&dir);
+    let id = {
+        let cat = Catalog::open(&path).unwrap();
+        add_active(&cat, "old", &[chunk(1)]).id
+    };
+    {
+        // Rewrite the row the way an earlier build stored it: no `source` key.
+        let db = Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut images = txn.open_table(super::schema::IMAGES).unwrap();
+            let key = super::schema::id_key(id);
+            let mut v: serde_json::Value =
+                serde_json::from_slice(images.get(key).unwrap().unwrap().value()).unwrap();
+            v.as_object_mut().unwrap().remove("source").unwrap();
+            images
+                .insert(key, serde_json::to_vec(&v).unwrap().as_slice())
+                .unwrap();
+        }
+        txn.commit().unwrap();
+    }
+
+    let cat = Catalog::open(&path).unwrap();
+
+    assert_eq!(cat.get("old").unwrap().source, ImageSource::Native);
+}
+
+#[test]
+fn registered_object_image_is_active_and_references_no_chunks() {
+    let (_dir, cat) = open_temp();
+    let rec = cat
+        .insert_importing(ImageId::random(), "web", &ImageAttributes::default(), "url")
+        .unwrap();
+    let facts = FinishRegister {
+        virtual_size: 5 << 20,
+        chunk_size: 1 << 20,
+        md5: None,
+        sha256: Some("AB".repeat(32)),
+        manifest_key: "disk.raw".into(),
+        source: ImageSource::Object {
+            url: "http://127.0.0.1:1/disk.raw".into(),
+        },
+    };
+
+    let row = cat.finish_register(rec.id, &facts).unwrap();
+
+    assert_eq!(row.status, ImageStatus::Active);
+    assert_eq!(row.sha256, Some("ab".repeat(32)));
+    assert_eq!(row.md5, None);
+    assert_eq!(cat.get("web").unwrap().source, facts.source);
+    assert!(cat.chunks_of(rec.id).unwrap().is_empty());
+    cat.verify().unwrap();
+}
+
+#[test]
+fn finishing_a_registration_twice_is_a_conflict() {
+    let (_dir, cat) = open_temp();
+    let rec = add(&cat, "twice");
+    let facts = FinishRegister {
+        virtual_size: 1 << 20,
+        chunk_size: 1 << 20,
+        md5: None,
+        sha256: None,
+        manifest_key: "manifests/x".into(),
+        source: ImageSource::Native,
+    };
+    cat.finish_register(rec.id, &facts).unwrap();
+
+    let err = cat.finish_register(rec.id, &facts).unwrap_err();
+
+    assert_eq!(err.kind(), ErrorKind::Conflict);
+}

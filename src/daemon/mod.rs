@@ -19,6 +19,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
+use crate::cache::ChunkCache;
 use crate::catalog::{
     validate_name, Catalog, CatalogError, FinishImport, ImageAttributes, ImagePatch, ImageRecord,
     ImageStatus, Lifecycle,
@@ -31,15 +32,17 @@ use crate::image::{
     ImportOptions, IsReferenced, Progress,
 };
 use crate::store::dir::DirStore;
+use crate::store::spec::open_store;
 use crate::store::Store;
 use crate::types::{format_size, ImageId};
 
+pub mod lazy;
 pub mod lock;
 pub mod serve;
 pub mod volumes;
 
-/// The name of the built-in store, as recorded in catalog rows.
-pub const LOCAL_STORE: &str = "local";
+pub use crate::config::LOCAL_STORE;
+use lazy::{is_local, RegisterFrom, StoreEntry};
 
 /// The prefix of image export names: `images/NAME`.
 pub const IMAGE_EXPORT_PREFIX: &str = "images/";
@@ -55,6 +58,12 @@ pub enum DaemonError {
     Config(#[from] crate::config::ConfigError),
     #[error("{0}")]
     InvalidInput(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("chunk cache error")]
+    Cache(#[source] Box<crate::cache::CacheError>),
     #[error("{context}")]
     Io {
         context: String,
@@ -86,6 +95,9 @@ impl Classify for DaemonError {
             DaemonError::Image(e) => e.kind(),
             DaemonError::Config(e) => e.kind(),
             DaemonError::InvalidInput(_) => ErrorKind::InvalidInput,
+            DaemonError::NotFound(_) => ErrorKind::NotFound,
+            DaemonError::Conflict(_) => ErrorKind::Conflict,
+            DaemonError::Cache(e) => e.kind(),
             DaemonError::Io { source, .. } => ErrorKind::of_io(source),
             DaemonError::AlreadyRunning { .. } => ErrorKind::Conflict,
             DaemonError::Startup { source, .. } => source.kind(),
@@ -99,8 +111,10 @@ impl Classify for DaemonError {
 #[derive(Debug, Clone)]
 pub struct AddImage {
     pub name: String,
-    /// Absolute path on this host.
-    pub file: PathBuf,
+    /// Absolute path on this host (an import), or `None` with `from` set (a registration).
+    pub file: Option<PathBuf>,
+    /// Register an image that stays in a store or at a URL.
+    pub from: Option<RegisterFrom>,
     /// Bytes; the configured default when `None`.
     pub chunk_size: Option<u64>,
     /// `md5:HEX` or `sha256:HEX`.
@@ -119,7 +133,14 @@ pub struct Recovery {
 /// The daemon core.
 pub struct Daemon {
     catalog: Arc<Catalog>,
+    /// The local store (`local`).
     store: Arc<dyn Store>,
+    /// Every store by name, `local` included.
+    stores: std::collections::BTreeMap<String, StoreEntry>,
+    /// Stores opened for `--url` objects no configured store covers, by URL directory.
+    url_stores: Mutex<HashMap<String, Arc<dyn Store>>>,
+    /// The chunk cache of every image not in the local store.
+    cache: ChunkCache,
     ledger: Arc<ChunkLedger>,
     /// Open image handles, by id.
     images: Mutex<HashMap<ImageId, Arc<Image>>>,
@@ -133,11 +154,24 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// A daemon over an open catalog and store. Does no I/O.
-    pub fn new(catalog: Catalog, store: Arc<dyn Store>, default_chunk_size: u32) -> Daemon {
+    /// A daemon over an open catalog, local store, other stores and cache. Does no I/O.
+    pub fn new(
+        catalog: Catalog,
+        store: Arc<dyn Store>,
+        mut stores: std::collections::BTreeMap<String, StoreEntry>,
+        cache: ChunkCache,
+        default_chunk_size: u32,
+    ) -> Daemon {
+        stores.insert(
+            LOCAL_STORE.to_string(),
+            StoreEntry::new(None, store.clone(), &store.describe()),
+        );
         Daemon {
             catalog: Arc::new(catalog),
             store,
+            stores,
+            url_stores: Mutex::new(HashMap::new()),
+            cache,
             ledger: Arc::new(ChunkLedger::default()),
             images: Mutex::new(HashMap::new()),
             imports: Mutex::new(HashMap::new()),
@@ -165,7 +199,32 @@ impl Daemon {
             source,
         })?;
         let store: Arc<dyn Store> = Arc::new(store);
-        let daemon = Arc::new(Daemon::new(catalog, store, config.default_chunk_size));
+        let mut stores = std::collections::BTreeMap::new();
+        for (name, spec) in &config.stores {
+            let s = open_store(name, spec).map_err(|e| DaemonError::Startup {
+                context: format!("cannot open store {name:?}"),
+                source: Box::new(DaemonError::Image(ImageError::Store(e))),
+            })?;
+            stores.insert(name.clone(), StoreEntry::new(Some(spec.clone()), s, ""));
+        }
+        let cache_cfg = config.cache.clone();
+        let cache_dir = cache_cfg.dir.clone();
+        let cache = tokio::task::spawn_blocking(move || ChunkCache::open(cache_cfg))
+            .await
+            .map_err(|e| DaemonError::Internal(e.to_string()))?
+            .map_err(|e| DaemonError::Startup {
+                context: format!("cannot open the chunk cache in {}", cache_dir.display()),
+                source: Box::new(DaemonError::Cache(Box::new(e))),
+            })?;
+        tracing::info!(dir = %cache_dir.display(), max = %format_size(config.cache.max_bytes),
+            used = %format_size(cache.used_bytes()), stores = config.stores.len(), "chunk cache open");
+        let daemon = Arc::new(Daemon::new(
+            catalog,
+            store,
+            stores,
+            cache,
+            config.default_chunk_size,
+        ));
         daemon.volumes.set_dir(config.state_dir.join("volumes"));
         let r = daemon.recover().await.map_err(|e| DaemonError::Startup {
             context: "start-up recovery failed".into(),
@@ -269,6 +328,15 @@ impl Daemon {
             .await?;
         let (row, digests) = self.catalog_call(move |c| c.expunge(id)).await?;
         self.images.lock().remove(&id);
+        if let Err(e) = self.cache.remove_image(&id.to_string()) {
+            tracing::warn!(image = %row.name, error = %crate::error::chain(&e),
+                "cannot drop the image's cached chunks; eviction will");
+        }
+        if !is_local(&row) {
+            // Its bytes live in another store, which this daemon does not own.
+            tracing::info!(image = %row.name, "expunged image");
+            return Ok(row);
+        }
         // The row is gone: a failure here leaves orphans, which the next start-up sweeps.
         match delete_unreferenced(
             self.store.clone(),
@@ -299,10 +367,28 @@ impl Daemon {
             return Err(DaemonError::ShuttingDown);
         }
         validate_name(&req.name).map_err(DaemonError::InvalidInput)?;
-        if !req.file.is_absolute() {
+        let file = match (&req.file, &req.from) {
+            (Some(file), None) => file.clone(),
+            (None, Some(from)) => {
+                return self
+                    .register_image(
+                        req.name.clone(),
+                        from.clone(),
+                        req.checksum.clone(),
+                        req.attributes.clone(),
+                    )
+                    .await;
+            }
+            _ => {
+                return Err(DaemonError::InvalidInput(
+                    "give exactly one of a file, a store and manifest, or a URL".into(),
+                ))
+            }
+        };
+        if !file.is_absolute() {
             return Err(DaemonError::InvalidInput(format!(
                 "file path {} is not absolute",
-                req.file.display()
+                file.display()
             )));
         }
         let chunk_size = match req.chunk_size {
@@ -316,16 +402,16 @@ impl Daemon {
                     .map_err(DaemonError::InvalidInput)?,
             ),
         };
-        let meta = tokio::fs::metadata(&req.file)
+        let meta = tokio::fs::metadata(&file)
             .await
             .map_err(|source| DaemonError::Io {
-                context: format!("cannot open {}", req.file.display()),
+                context: format!("cannot open {}", file.display()),
                 source,
             })?;
         if !meta.is_file() {
             return Err(DaemonError::InvalidInput(format!(
                 "{} is not a regular file",
-                req.file.display()
+                file.display()
             )));
         }
 
@@ -343,7 +429,7 @@ impl Daemon {
             cancel,
         };
         let task = tokio::spawn(async move {
-            let result = this.run_import(id, &req, opts).await;
+            let result = this.run_import(id, &file, opts).await;
             this.imports.lock().remove(&id);
             if let Err(e) = &result {
                 tracing::warn!(image = %req.name, error = %crate::error::chain(e), "import failed");
@@ -361,7 +447,7 @@ impl Daemon {
     async fn run_import(
         &self,
         id: ImageId,
-        req: &AddImage,
+        file: &std::path::Path,
         opts: ImportOptions,
     ) -> Result<ImageRecord, DaemonError> {
         let (imported, guard) = import_file(
@@ -369,7 +455,7 @@ impl Daemon {
             self.ledger.clone(),
             self.is_referenced(),
             id,
-            &req.file,
+            file,
             opts,
         )
         .await?;
@@ -449,7 +535,11 @@ impl Daemon {
         if let Some(img) = self.images.lock().get(&row.id) {
             return Ok(img.clone());
         }
-        let img = block_on_async(Image::open(self.store.clone(), &row.manifest_key))?;
+        let img = if is_local(row) {
+            block_on_async(Image::open(self.store.clone(), &row.manifest_key))?
+        } else {
+            block_on_async(self.open_remote(row))?
+        };
         // Another connection may have opened it meanwhile; keep the first.
         Ok(self.images.lock().entry(row.id).or_insert(img).clone())
     }

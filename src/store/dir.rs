@@ -112,14 +112,7 @@ impl Inner {
     fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, StoreError> {
         let file = File::open(self.path(key)).map_err(|e| io_err(key, e))?;
         let size = file.metadata().map_err(|e| io_err(key, e))?.len();
-        if range.start > range.end || range.end > size {
-            return Err(StoreError::RangeOutOfBounds {
-                key: key.to_string(),
-                start: range.start,
-                end: range.end,
-                size,
-            });
-        }
+        super::check_range(key, &range, size)?;
         let len = usize::try_from(range.end - range.start).map_err(|_| StoreError::Io {
             key: key.to_string(),
             source: io::Error::other("range larger than memory"),

@@ -42,14 +42,7 @@ impl MemStore {
 /// Shared by the stores that hold whole objects in memory (this one, the fault store).
 pub(crate) fn slice_range(key: &str, data: &Bytes, range: Range<u64>) -> Result<Bytes, StoreError> {
     let size = data.len() as u64;
-    if range.start > range.end || range.end > size {
-        return Err(StoreError::RangeOutOfBounds {
-            key: key.to_string(),
-            start: range.start,
-            end: range.end,
-            size,
-        });
-    }
+    super::check_range(key, &range, size)?;
     Ok(data.slice(range.start as usize..range.end as usize))
 }
 

@@ -155,3 +155,16 @@ pub fn validate_key(key: &str) -> Result<(), StoreError> {
     }
     Ok(())
 }
+
+/// `Ok` when `range` lies inside an object of `size` bytes, else `RangeOutOfBounds`.
+pub fn check_range(key: &str, range: &Range<u64>, size: u64) -> Result<(), StoreError> {
+    if range.start > range.end || range.end > size {
+        return Err(StoreError::RangeOutOfBounds {
+            key: key.to_string(),
+            start: range.start,
+            end: range.end,
+            size,
+        });
+    }
+    Ok(())
+}

@@ -372,14 +372,7 @@ impl Store for RemoteStore {
         let size = self.head(key).await?.ok_or_else(|| StoreError::NotFound {
             key: key.to_string(),
         })?;
-        if range.start > range.end || range.end > size {
-            return Err(StoreError::RangeOutOfBounds {
-                key: key.to_string(),
-                start: range.start,
-                end: range.end,
-                size,
-            });
-        }
+        super::check_range(key, &range, size)?;
         match refusal {
             Some(err) => Err(err),
             None if want == 0 => Ok(Bytes::new()),

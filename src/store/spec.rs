@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::dir::DirStore;
 use super::object::{parse_http_url, RemoteStore, S3Config};
 use super::retry::{RetryPolicy, RetryStore};
 use super::{validate_key, Store, StoreError};
@@ -214,15 +215,12 @@ pub fn open_store(name: &str, spec: &StoreSpec) -> Result<Arc<dyn Store>, StoreE
     spec.validate(name)?;
     let policy = spec.policy();
     let backend: Arc<dyn Store> = match spec {
-        StoreSpec::Dir { path, .. } => {
-            // The directory backend does not implement `Store` yet in this tree; once it
-            // does, this arm becomes `Arc::new(DirStore::open(path.clone())?)`.
-            let _ = path;
-            return Err(StoreError::Unsupported {
-                store: format!("dir:{}", path.display()),
-                op: "opening a dir store from a spec",
-            });
-        }
+        StoreSpec::Dir { path, .. } => Arc::new(DirStore::open(path.clone()).map_err(
+            |source| StoreError::Io {
+                key: path.display().to_string(),
+                source,
+            },
+        )?),
         StoreSpec::Http { url, .. } => Arc::new(RemoteStore::http(name, url, policy.timeout)?),
         StoreSpec::S3 { .. } => {
             let config = spec

@@ -30,6 +30,8 @@ pub struct Daemon {
     child: Option<Child>,
     pub dir: tempfile::TempDir,
     pub state: PathBuf,
+    /// The extra `serve` arguments, reused by [`Daemon::restart`].
+    extra: Vec<String>,
 }
 
 impl Daemon {
@@ -39,18 +41,32 @@ impl Daemon {
     }
 
     pub fn start_with(extra: &[&str]) -> Daemon {
+        Daemon::start_in(tempdir(), extra)
+    }
+
+    /// Start with a configuration file holding `toml` (written to `DIR/imgcache.toml`).
+    pub fn start_with_config(toml: &str) -> Daemon {
         let dir = tempdir();
+        let path = dir.path().join("imgcache.toml");
+        std::fs::write(&path, toml).unwrap();
+        let path = path.to_str().unwrap().to_string();
+        Daemon::start_in(dir, &["--config", &path])
+    }
+
+    fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Daemon {
         let state = dir.path().join("state");
         let mut d = Daemon {
             child: None,
             dir,
             state,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
         };
-        d.spawn(extra);
+        d.spawn();
         d
     }
 
-    fn spawn(&mut self, extra: &[&str]) {
+    fn spawn(&mut self) {
+        let extra = self.extra.clone();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -94,7 +110,7 @@ impl Daemon {
     /// Stop with SIGTERM and start again on the same state directory.
     pub fn restart(&mut self) {
         self.stop();
-        self.spawn(&[]);
+        self.spawn();
     }
 
     /// SIGTERM and wait (at most 10 s, then SIGKILL). Returns the exit status.
