@@ -608,7 +608,13 @@ fn residency_flips_from_remote_to_local() {
     };
     let (b, a) = (types(&before), types(&after));
     assert_eq!(b.iter().map(|e| e.0).sum::<u64>(), 4 * MIB, "{before}");
-    assert!(b.iter().all(|e| e.1 & 1 == 1), "cold image must be all remote: {before}");
+    assert!(
+        b.iter().all(|e| e.1 & 1 == 1),
+        "cold image must be all remote: {before}"
+    );
     assert_eq!(a.iter().map(|e| e.0).sum::<u64>(), 4 * MIB, "{after}");
-    assert!(a.iter().all(|e| e.1 & 1 == 0), "warm image must be all local: {after}");
+    assert!(
+        a.iter().all(|e| e.1 & 1 == 0),
+        "warm image must be all local: {after}"
+    );
 }
