@@ -13,6 +13,10 @@ have qemu-img  || need_pkgs+=(qemu-utils)
 have nbdinfo   || need_pkgs+=(libnbd-bin)
 have fio       || need_pkgs+=(fio)
 have nbdkit    || need_pkgs+=(nbdkit)
+# The VM boot test: qemu-system-x86 (brings qemu-utils 7.2 along), mkfs.ext4; its fixture
+# script fetches linux-image-cloud-amd64 and busybox-static with `apt-get download`.
+have qemu-system-x86_64 || need_pkgs+=(qemu-system-x86 qemu-utils)
+have mkfs.ext4 || need_pkgs+=(e2fsprogs)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   echo "test.sh: installing ${need_pkgs[*]}" >&2
   SUDO=""

@@ -15,6 +15,8 @@
 //! - [`daemon`]: owns catalog, stores, open images and listeners; start-up and shutdown.
 //! - [`api`]: the control API (HTTP/JSON on a unix socket) and its client used by the CLI.
 //! - [`config`]: the daemon configuration, validated once at load.
+//! - [`overlay`]: the copy-on-write overlay format; [`volume`]: a volume device (overlay over
+//!   an image) and flattening.
 
 pub mod api;
 pub mod cache;
@@ -29,3 +31,4 @@ pub mod overlay;
 pub mod store;
 pub mod sys;
 pub mod types;
+pub mod volume;

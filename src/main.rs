@@ -14,6 +14,9 @@ use std::time::{Duration, UNIX_EPOCH};
 use anyhow::{bail, Context};
 use clap::{ArgAction, Args, Parser, Subcommand};
 
+#[path = "cli/volume.rs"]
+mod volume_cmd;
+
 use imgcache::api::client::{Action, Client};
 use imgcache::api::types::{
     AddImageRequest, AddProgress, CacheView, PushRequest, StoreInfo, WarmRequest,
@@ -50,6 +53,9 @@ enum Command {
     /// Manage catalog images
     #[command(subcommand)]
     Image(ImageCommand),
+    /// Manage copy-on-write volumes (VM disks over images)
+    #[command(subcommand)]
+    Volume(volume_cmd::VolumeCommand),
     /// Image stores
     #[command(subcommand)]
     Store(StoreCommand),
@@ -161,7 +167,12 @@ enum ImageCommand {
     /// Serve a disabled image again
     Enable { image: String },
     /// Move an image to the recycle bin
-    Delete { image: String },
+    Delete {
+        image: String,
+        /// Even if volumes use it: hidden for new volumes, still serving existing ones
+        #[arg(long)]
+        force: bool,
+    },
     /// Restore an image from the recycle bin
     Recover { image: String },
     /// Remove a deleted image for good, freeing its chunks
@@ -327,6 +338,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         match cli.command {
             Command::Serve(_) => unreachable!("handled above"),
             Command::Image(cmd) => image_command(client, cmd).await,
+            Command::Volume(cmd) => volume_cmd::run(client, cmd).await,
             Command::Store(StoreCommand::List { json }) => {
                 let stores = client.list_stores().await?;
                 if json {
@@ -412,7 +424,14 @@ async fn image_command(client: Client, cmd: ImageCommand) -> anyhow::Result<()> 
         ImageCommand::Set(args) => set(&client, args).await,
         ImageCommand::Disable { image } => action(&client, &image, Lifecycle::Disable).await,
         ImageCommand::Enable { image } => action(&client, &image, Lifecycle::Enable).await,
-        ImageCommand::Delete { image } => action(&client, &image, Lifecycle::Delete).await,
+        ImageCommand::Delete {
+            image,
+            force: false,
+        } => action(&client, &image, Lifecycle::Delete).await,
+        ImageCommand::Delete { image, force: true } => {
+            let row = client.force_delete_image(&image).await?;
+            print_out(&format!("image {} is now {}\n", row.name, row.status))
+        }
         ImageCommand::Recover { image } => action(&client, &image, Lifecycle::Recover).await,
         ImageCommand::Push { image, store } => {
             let mut bar = ProgressDisplay::new(std::io::stderr().is_terminal());

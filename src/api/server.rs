@@ -63,6 +63,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/v1/images/{id_or_name}/warm", post(warm_image))
         .route("/v1/images/{id_or_name}/push", post(push_image))
         .route("/v1/images/{id_or_name}/{action}", post(image_action))
+        .merge(super::volumes::routes())
         .route("/v1/stores", get(list_stores))
         .route("/v1/cache", get(cache_status))
         .fallback(no_route)
@@ -181,11 +182,21 @@ async fn update_image(
     Ok(Json(d.update_image(&key, patch).await?))
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ActionQuery {
+    /// `delete` even if volumes use the image (they keep using it).
+    #[serde(default)]
+    force: bool,
+}
+
 async fn image_action(
     State(d): State<Arc<Daemon>>,
     path: Result<Path<(String, String)>, PathRejection>,
+    query: Result<Query<ActionQuery>, QueryRejection>,
 ) -> ApiResult<ImageRecord> {
     let Path((key, action)) = path?;
+    let Query(q) = query?;
     let action = match action.as_str() {
         "expunge" => return Ok(Json(d.expunge(&key).await?)),
         "pin" => return Ok(Json(d.pin_image(&key, true).await?)),
@@ -203,7 +214,7 @@ async fn image_action(
             ))
         }
     };
-    Ok(Json(d.lifecycle(&key, action).await?))
+    Ok(Json(d.lifecycle_with(&key, action, q.force).await?))
 }
 
 async fn no_route() -> Failure {

@@ -16,6 +16,12 @@ pub enum CatalogError {
     /// Another image (in any status, including the recycle bin) holds the name.
     #[error("an image named {0:?} exists already")]
     NameTaken(String),
+    /// No volume has this name or id.
+    #[error("volume {0:?} not found")]
+    VolumeNotFound(String),
+    /// Another volume holds the name.
+    #[error("a volume named {0:?} exists already")]
+    VolumeNameTaken(String),
     /// The caller's input failed validation; the text says what and how to fix it.
     #[error("{0}")]
     Invalid(String),
@@ -79,6 +85,8 @@ impl Classify for CatalogError {
         match self {
             CatalogError::NotFound(_) => ErrorKind::NotFound,
             CatalogError::NameTaken(_) => ErrorKind::AlreadyExists,
+            CatalogError::VolumeNotFound(_) => ErrorKind::NotFound,
+            CatalogError::VolumeNameTaken(_) => ErrorKind::AlreadyExists,
             CatalogError::Invalid(_) => ErrorKind::InvalidInput,
             CatalogError::Conflict(_) => ErrorKind::Conflict,
             CatalogError::Unimplemented => ErrorKind::Internal,

@@ -32,10 +32,12 @@ use crate::types::{Digest, ImageId};
 mod error;
 pub mod model;
 mod schema;
+pub mod volumes;
 
 pub use error::CatalogError;
 pub use model::*;
 pub use schema::SCHEMA_VERSION;
+pub use volumes::{validate_volume_name, VolumeId, VolumeRecord};
 
 use error::StorageContext;
 use schema::{

@@ -35,14 +35,14 @@ pub(crate) const RECYCLE_BIN: TableDefinition<[u8; 16], &[u8]> =
 pub(crate) const SCHEMA_VERSION_KEY: &str = "schema_version";
 
 /// The schema version this build writes and reads.
-pub const SCHEMA_VERSION: u64 = 1;
+pub const SCHEMA_VERSION: u64 = 2;
 
 /// One migration step: rewrites a catalog of version N into version N+1, inside the open
 /// transaction (the caller bumps the version and commits).
 pub(crate) type MigrationStep = fn(&WriteTransaction) -> Result<(), CatalogError>;
 
 /// `MIGRATIONS[i]` upgrades version `i + 1` to `i + 2`; its length is `SCHEMA_VERSION - 1`.
-pub(crate) const MIGRATIONS: &[MigrationStep] = &[];
+pub(crate) const MIGRATIONS: &[MigrationStep] = &[super::volumes::migrate_v1_to_v2];
 
 /// A schema: its version and the steps that lead to it from version 1. Tests build fake ones.
 #[derive(Clone, Copy)]
@@ -122,6 +122,9 @@ pub(crate) fn prepare(db: &Database, schema: Schema) -> Result<(), CatalogError>
         txn.open_table(CHUNK_REFS).ctx("creating tables")?;
         txn.open_table(IMAGE_CHUNKS).ctx("creating tables")?;
         txn.open_table(RECYCLE_BIN).ctx("creating tables")?;
+        if schema.version >= 2 {
+            super::volumes::create_tables(&txn)?;
+        }
     }
     txn.commit().ctx("committing the schema")?;
     Ok(())

@@ -841,9 +841,14 @@ fn fake_step_1_to_2(txn: &WriteTransaction) -> Result<(), CatalogError> {
     Ok(())
 }
 
-const FAKE_V2: Schema = Schema {
-    version: 2,
-    migrations: &[fake_step_1_to_2],
+/// The real steps, then the fake one to a version past the current.
+const FAKE_NEXT: Schema = Schema {
+    version: SCHEMA_VERSION + 1,
+    migrations: &[super::volumes::migrate_v1_to_v2, fake_step_1_to_2],
+};
+const V1: Schema = Schema {
+    version: 1,
+    migrations: &[],
 };
 
 fn migration_runs(path: &Path) -> u64 {
@@ -859,24 +864,22 @@ fn older_schema_version_is_migrated_once() {
     let dir = tempfile::tempdir().unwrap();
     let path = db_path(&dir);
     {
-        let cat = Catalog::open(&path).unwrap();
+        let cat = Catalog::open_with(&path, V1).unwrap();
         add_active(&cat, "img", &[]);
     }
 
-    let cat = Catalog::open_with(&path, FAKE_V2).unwrap();
+    let cat = Catalog::open_with(&path, FAKE_NEXT).unwrap();
     assert_eq!(cat.get("img").unwrap().owner, "migrated");
     drop(cat);
-    drop(Catalog::open_with(&path, FAKE_V2).unwrap());
+    drop(Catalog::open_with(&path, FAKE_NEXT).unwrap());
 
-    assert_eq!(schema_version(&path), 2);
+    assert_eq!(schema_version(&path), SCHEMA_VERSION + 1);
     assert_eq!(migration_runs(&path), 1);
-    // and the version-1 build now refuses the file
+    // and the current build now refuses the file
     assert!(matches!(
         Catalog::open(&path),
-        Err(CatalogError::SchemaTooNew {
-            found: 2,
-            supported: 1
-        })
+        Err(CatalogError::SchemaTooNew { found, supported })
+            if found == SCHEMA_VERSION + 1 && supported == SCHEMA_VERSION
     ));
 }
 
@@ -888,7 +891,7 @@ fn failing_step(_txn: &WriteTransaction) -> Result<(), CatalogError> {
 fn failed_migration_leaves_the_old_version() {
     let dir = tempfile::tempdir().unwrap();
     let path = db_path(&dir);
-    drop(Catalog::open(&path).unwrap());
+    drop(Catalog::open_with(&path, V1).unwrap());
     let failing = Schema {
         version: 2,
         migrations: &[failing_step],

@@ -39,6 +39,7 @@ use crate::types::{format_size, ImageId};
 pub mod lazy;
 pub mod lock;
 pub mod serve;
+pub mod volumes;
 
 pub use crate::config::LOCAL_STORE;
 use lazy::{is_local, RegisterFrom, StoreEntry};
@@ -148,6 +149,8 @@ pub struct Daemon {
     /// Set at shutdown: no new imports.
     closing: AtomicBool,
     default_chunk_size: u32,
+    /// Open volumes and where their overlays live.
+    volumes: volumes::VolumeSet,
 }
 
 impl Daemon {
@@ -174,6 +177,7 @@ impl Daemon {
             imports: Mutex::new(HashMap::new()),
             closing: AtomicBool::new(false),
             default_chunk_size,
+            volumes: volumes::VolumeSet::default(),
         }
     }
 
@@ -221,6 +225,7 @@ impl Daemon {
             cache,
             config.default_chunk_size,
         ));
+        daemon.volumes.set_dir(config.state_dir.join("volumes"));
         let r = daemon.recover().await.map_err(|e| DaemonError::Startup {
             context: "start-up recovery failed".into(),
             source: Box::new(e),
@@ -255,6 +260,8 @@ impl Daemon {
             sweep_orphans(self.store.clone(), &chunks, &manifests).await?;
         report.orphan_chunks = orphan_chunks;
         report.orphan_manifests = orphan_manifests;
+        let volumes = self.catalog_call(|c| c.list_volumes()).await?;
+        self.volumes.sweep_orphans(&volumes);
         Ok(report)
     }
 
@@ -285,7 +292,27 @@ impl Daemon {
         id_or_name: &str,
         action: Lifecycle,
     ) -> Result<ImageRecord, DaemonError> {
-        let id = self.get_image(id_or_name).await?.id;
+        self.lifecycle_with(id_or_name, action, false).await
+    }
+
+    /// Like [`Daemon::lifecycle`]; `force` lets `delete` move an image that volumes still
+    /// read from to the recycle bin (hidden for new volumes, still serving existing ones).
+    pub async fn lifecycle_with(
+        &self,
+        id_or_name: &str,
+        action: Lifecycle,
+        force: bool,
+    ) -> Result<ImageRecord, DaemonError> {
+        let image = self.get_image(id_or_name).await?;
+        let id = image.id;
+        if action == Lifecycle::Delete && !force && image.status != ImageStatus::Deleted {
+            self.check_image_unused(
+                id,
+                &image.name,
+                "delete them first, or use --force to hide the image while they keep using it",
+            )
+            .await?;
+        }
         let row = self.catalog_call(move |c| c.transition(id, action)).await?;
         if row.status != ImageStatus::Active {
             self.images.lock().remove(&id);
@@ -295,7 +322,10 @@ impl Daemon {
 
     /// Remove a deleted image for good and delete its chunks no other image uses.
     pub async fn expunge(&self, id_or_name: &str) -> Result<ImageRecord, DaemonError> {
-        let id = self.get_image(id_or_name).await?.id;
+        let image = self.get_image(id_or_name).await?;
+        let id = image.id;
+        self.check_image_unused(id, &image.name, "delete or flatten them first")
+            .await?;
         let (row, digests) = self.catalog_call(move |c| c.expunge(id)).await?;
         self.images.lock().remove(&id);
         if let Err(e) = self.cache.remove_image(&id.to_string()) {
@@ -538,6 +568,7 @@ impl ExportRegistry for Daemon {
                         description: export_description(r),
                     })
                     .collect();
+                out.extend(self.volume_listings());
                 out.sort_by(|a, b| a.name.cmp(&b.name));
                 out
             }
@@ -559,6 +590,9 @@ impl ExportRegistry for Daemon {
     }
 
     fn open(&self, name: &str) -> Option<Export> {
+        if name.starts_with(volumes::VOLUME_EXPORT_PREFIX) {
+            return self.open_volume_export(name);
+        }
         let image_name = name.strip_prefix(IMAGE_EXPORT_PREFIX)?;
         // Only names: an id would make two export names for one image.
         validate_name(image_name).ok()?;

@@ -158,6 +158,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         );
         tasks.abort_all();
     }
+    daemon.close_volumes();
     drop(sockets);
     drop(lock);
     tracing::info!("stopped");

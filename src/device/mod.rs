@@ -27,6 +27,8 @@ pub enum Residency {
     Local,
     /// Only in a remote store; reading it needs a fetch.
     Remote,
+    /// A volume's own bytes (its copy-on-write overlay), not the image's.
+    Overlay,
 }
 
 /// One run of bytes with the same allocation (and residency).
@@ -75,6 +77,13 @@ pub trait BlockDevice: Send + Sync + 'static {
     /// and front ends answer writes with `EPERM`.
     fn writable(&self) -> Option<&dyn WritableDevice> {
         None
+    }
+
+    /// Whether a FLUSH on any connection makes the writes acknowledged on every connection
+    /// to this device durable (NBD `CAN_MULTI_CONN` for a writable export). Read-only devices
+    /// are always consistent across connections.
+    fn flush_covers_all_connections(&self) -> bool {
+        false
     }
 }
 

@@ -215,7 +215,7 @@ impl BaseRead for [u8] {
 }
 
 /// A snapshot as listed.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SnapshotInfo {
     pub name: String,
     /// Virtual size of the volume when the snapshot was taken.

@@ -53,8 +53,10 @@ impl BaseRead for DeviceBase<'_> {
 }
 
 /// Writes up to this size run in place on the runtime worker (`block_in_place`); larger ones
-/// go to the blocking pool so a worker is never held for long (both measured alike at 1 MiB).
-const INLINE_WRITE_MAX: usize = 128 << 10;
+/// go to the blocking pool. Every NBD write fits (32 MiB maximum): the hop to the blocking pool
+/// cost a copy of the payload and two thread switches per request, which halved sequential
+/// 1 MiB write throughput on tmpfs (0.95 vs 1.9 GiB/s, perf: memmove and task switches).
+const INLINE_WRITE_MAX: usize = 64 << 20;
 
 fn on_multi_thread_runtime() -> bool {
     tokio::runtime::Handle::try_current()
@@ -168,7 +170,7 @@ impl BlockDevice for OverlayVolume {
                             offset,
                             len,
                             kind,
-                            residency: Residency::Local,
+                            residency: Residency::Overlay,
                         },
                         &mut out,
                     )
@@ -191,6 +193,13 @@ impl BlockDevice for OverlayVolume {
 
     fn writable(&self) -> Option<&dyn WritableDevice> {
         Some(self)
+    }
+
+    /// Every connection shares this one overlay, and `flush` syncs its data file and writes
+    /// every pending journal record (whoever's write produced it): a FLUSH on one connection
+    /// covers writes acknowledged on all.
+    fn flush_covers_all_connections(&self) -> bool {
+        true
     }
 }
 

@@ -135,6 +135,15 @@ impl Daemon {
         );
     }
 
+    /// SIGKILL the daemon (no shutdown at all) and start it again on the same state.
+    pub fn kill_and_restart(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.spawn();
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().unwrap().id()
     }

@@ -100,6 +100,8 @@ pub const STATE_HOLE: u32 = 1 << 0;
 pub const STATE_ZERO: u32 = 1 << 1;
 /// `imgcache:residency` flag: the extent's data is only remote.
 pub const STATE_REMOTE: u32 = 1 << 0;
+/// `imgcache:residency` flag: the extent is the volume's own (its overlay), not the image's.
+pub const STATE_OVERLAY: u32 = 1 << 1;
 
 /// Errno values on the wire (the NBD spec fixes them; they equal Linux's).
 pub const EPERM: u32 = 1;

@@ -299,6 +299,9 @@ pub(super) fn transmission_flags(device: &dyn BlockDevice, structured: bool) -> 
             | proto::TFLAG_SEND_TRIM
             | proto::TFLAG_SEND_WRITE_ZEROES
             | proto::TFLAG_SEND_FAST_ZERO;
+        if device.flush_covers_all_connections() {
+            f |= proto::TFLAG_CAN_MULTI_CONN;
+        }
     } else {
         f |= proto::TFLAG_READ_ONLY | proto::TFLAG_CAN_MULTI_CONN;
     }
@@ -1002,6 +1005,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Transmission<R, W> {
                     MetaContext::Residency => match e.residency {
                         Residency::Remote => proto::STATE_REMOTE,
                         Residency::Local => 0,
+                        Residency::Overlay => proto::STATE_OVERLAY,
                     },
                 };
                 let len = (t - s) as u32;
