@@ -17,11 +17,15 @@ have nbdkit    || need_pkgs+=(nbdkit)
 # script fetches linux-image-cloud-amd64 and busybox-static with `apt-get download`.
 have qemu-system-x86_64 || need_pkgs+=(qemu-system-x86 qemu-utils)
 have mkfs.ext4 || need_pkgs+=(e2fsprogs)
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+export DEBIAN_FRONTEND=noninteractive
+# The VM fixture resolves the kernel package from the apt lists: make sure they exist.
+if ! apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1; then
+  $SUDO apt-get update -q >/dev/null
+fi
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   echo "test.sh: installing ${need_pkgs[*]}" >&2
-  SUDO=""
-  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  export DEBIAN_FRONTEND=noninteractive
   $SUDO apt-get install -y --no-install-recommends "${need_pkgs[@]}" \
     || { $SUDO apt-get update && $SUDO apt-get install -y --no-install-recommends "${need_pkgs[@]}"; }
 fi
