@@ -12,12 +12,14 @@
 //! queued requests and [`MAX_INFLIGHT_BYTES`] of their buffers exist per connection, and
 //! no new request is read while either limit or [`MAX_UNSENT`] is reached.
 
+use std::collections::VecDeque;
 use std::future::Future;
-use std::io;
+use std::io::{self, IoSlice};
 use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt};
 use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -25,7 +27,7 @@ use tokio::sync::watch;
 
 use super::proto::{self, ClientOption, Command, MetaContext, Negotiated, Request, Sink};
 use super::NbdError;
-use crate::device::{errno_of, BlockDevice, ExtentKind, Residency};
+use crate::device::{errno_of, BlockDevice, ExtentKind, MappedPiece, Residency};
 use crate::export::{Export, ExportRegistry};
 
 /// Most requests queued (waiting on the device) per connection.
@@ -44,6 +46,13 @@ const SPIN_MAX_BATCH: u64 = 256 * 1024;
 const PIECE: usize = 256 * 1024;
 /// Most extents asked from the device to find holes in one READ.
 const MAX_READ_EXTENTS: usize = 64;
+
+/// Mapped data pieces at least this long are written straight from the device's memory
+/// (`writev`); shorter ones are copied into the output buffer, which costs less than an
+/// extra slice per reply.
+const SHARE_MIN: usize = 16 * 1024;
+/// Zeros for holes sent without copying.
+static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
 
 const INBUF_SIZE: usize = 256 * 1024;
 /// An idle connection keeps an output buffer up to this size for reuse.
@@ -179,16 +188,35 @@ impl InBuf {
     }
 }
 
-/// Replies waiting to be written: `buf[sent..len]`. `buf` stays initialised up to its
-/// length, so reads can land in it without zeroing it first.
+/// Replies waiting to be written: the bytes of `buf[sent..len]`, with the shared (zero-copy)
+/// pieces of `shared` spliced in: `(pos, bytes)` goes out right after `buf[..pos]`.
+/// `buf` stays initialised up to its length, so reads can land in it without zeroing it
+/// first.
 #[derive(Default)]
 struct OutBuf {
     buf: Vec<u8>,
     len: usize,
     sent: usize,
+    /// In order of `pos` (non-decreasing); never holds empty `Bytes`.
+    shared: VecDeque<(usize, Bytes)>,
+    /// Bytes of the front `shared` piece already written.
+    shared_sent: usize,
+    /// Unsent bytes, `buf`'s and `shared`'s.
+    unsent: usize,
     /// Bytes written over the connection's life.
     total_sent: u64,
 }
+
+/// A position in an [`OutBuf`] to roll back to.
+#[derive(Clone, Copy)]
+struct Mark {
+    len: usize,
+    shared: usize,
+    unsent: usize,
+}
+
+/// Most slices given to one `writev`.
+const MAX_IOV: usize = 64;
 
 impl OutBuf {
     /// Append `n` bytes (with stale contents) and return them to be filled.
@@ -200,41 +228,135 @@ impl OutBuf {
         }
         let start = self.len;
         self.len = end;
+        self.unsent += n;
         &mut self.buf[start..end]
     }
 
-    fn mark(&self) -> usize {
-        self.len
+    /// Append `bytes` without copying them; they are kept until written.
+    fn put_shared(&mut self, bytes: Bytes) {
+        if bytes.is_empty() {
+            return;
+        }
+        self.unsent += bytes.len();
+        self.shared.push_back((self.len, bytes));
     }
 
-    fn truncate(&mut self, mark: usize) {
-        debug_assert!(mark >= self.sent);
-        self.len = mark;
+    /// Where the next reply starts. Nothing may be written between taking a mark and
+    /// truncating to it.
+    fn mark(&self) -> Mark {
+        Mark {
+            len: self.len,
+            shared: self.shared.len(),
+            unsent: self.unsent,
+        }
     }
 
-    fn unsent(&self) -> &[u8] {
-        &self.buf[self.sent..self.len]
+    fn truncate(&mut self, mark: Mark) {
+        debug_assert!(mark.len >= self.sent);
+        self.len = mark.len;
+        self.shared.truncate(mark.shared);
+        self.unsent = mark.unsent;
     }
 
+    /// Number of bytes waiting to be written.
+    fn unsent(&self) -> usize {
+        self.unsent
+    }
+
+    /// Fill `iov` with the next unsent slices, in order; returns how many.
+    fn slices<'a>(&'a self, iov: &mut [IoSlice<'a>; MAX_IOV]) -> usize {
+        let mut k = 0;
+        let mut at = self.sent;
+        for (i, (pos, bytes)) in self.shared.iter().enumerate() {
+            if *pos > at {
+                iov[k] = IoSlice::new(&self.buf[at..*pos]);
+                at = *pos;
+                k += 1;
+                if k == MAX_IOV {
+                    return k;
+                }
+            }
+            let skip = if i == 0 { self.shared_sent } else { 0 };
+            iov[k] = IoSlice::new(&bytes[skip..]);
+            k += 1;
+            if k == MAX_IOV {
+                return k;
+            }
+        }
+        if self.len > at {
+            iov[k] = IoSlice::new(&self.buf[at..self.len]);
+            k += 1;
+        }
+        k
+    }
+
+    /// Mark `n` more bytes as written.
     fn advance(&mut self, n: usize) {
+        debug_assert!(n <= self.unsent);
         self.total_sent += n as u64;
-        self.sent += n;
-        if self.sent == self.len {
+        self.unsent -= n;
+        let mut n = n;
+        while n > 0 {
+            let until = self.shared.front().map_or(self.len, |(pos, _)| *pos);
+            if until > self.sent {
+                let k = n.min(until - self.sent);
+                self.sent += k;
+                n -= k;
+                continue;
+            }
+            let Some((_, front)) = self.shared.front() else {
+                break;
+            };
+            let k = n.min(front.len() - self.shared_sent);
+            self.shared_sent += k;
+            n -= k;
+            if self.shared_sent == front.len() {
+                self.shared.pop_front();
+                self.shared_sent = 0;
+            }
+        }
+        if self.unsent == 0 {
             self.sent = 0;
             self.len = 0;
+            self.shared.clear();
+            self.shared_sent = 0;
             if self.buf.len() > OUTBUF_KEEP {
                 self.buf = Vec::new();
             }
         }
     }
 
+    /// Write once (vectored when there are shared pieces); `Ok(0)` only when nothing was
+    /// waiting. Cancel safe.
+    async fn write_some<W: AsyncWrite + Unpin>(&mut self, wr: &mut W) -> io::Result<usize> {
+        let n = if self.shared.is_empty() {
+            wr.write(&self.buf[self.sent..self.len]).await?
+        } else {
+            let mut iov = [IoSlice::new(&[]); MAX_IOV];
+            let k = self.slices(&mut iov);
+            wr.write_vectored(&iov[..k]).await?
+        };
+        if n == 0 && self.unsent > 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        self.advance(n);
+        Ok(n)
+    }
+
+    /// Write what the socket takes right now, without waiting.
+    fn write_now<W: AsyncWrite + Unpin>(&mut self, wr: &mut W) -> io::Result<()> {
+        if self.unsent == 0 {
+            return Ok(());
+        }
+        match self.write_some(wr).now_or_never() {
+            Some(r) => r.map(drop),
+            None => Ok(()),
+        }
+    }
+
     async fn flush<W: AsyncWrite + Unpin>(&mut self, wr: &mut W) -> io::Result<()> {
-        while !self.unsent().is_empty() {
-            let n = wr.write(self.unsent()).await?;
-            if n == 0 {
-                return Err(io::ErrorKind::WriteZero.into());
-            }
-            self.advance(n);
+        while self.unsent > 0 {
+            self.write_some(wr).await?;
         }
         wr.flush().await
     }
@@ -516,6 +638,25 @@ struct Transmission<R, W> {
     disconnecting: bool,
     /// See [`serve`].
     spin: Option<(RawFd, Duration)>,
+    /// Scratch space for [`BlockDevice::try_read_mapped`].
+    mapped: Vec<MappedPiece>,
+}
+
+/// Append the bytes of `piece` to `out`: long data shared, short data copied, zeros.
+fn put_piece(out: &mut OutBuf, piece: &MappedPiece) {
+    match piece {
+        MappedPiece::Data(b) if b.len() >= SHARE_MIN => out.put_shared(b.clone()),
+        MappedPiece::Data(b) => out.put(b),
+        MappedPiece::Zero(n) if *n >= SHARE_MIN => {
+            let mut left = *n;
+            while left > 0 {
+                let k = left.min(ZEROS.len());
+                out.put_shared(Bytes::from_static(&ZEROS[..k]));
+                left -= k;
+            }
+        }
+        MappedPiece::Zero(n) => out.grab(*n).fill(0),
+    }
 }
 
 fn wire_errno(err: &io::Error) -> u32 {
@@ -550,6 +691,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Transmission<R, W> {
             pool: Vec::new(),
             disconnecting: false,
             spin: None,
+            mapped: Vec::new(),
         }
     }
 
@@ -557,7 +699,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Transmission<R, W> {
         !self.disconnecting
             && self.pending.len() < MAX_INFLIGHT
             && self.pending_bytes < MAX_INFLIGHT_BYTES
-            && self.conn.out.unsent().len() < MAX_UNSENT
+            && self.conn.out.unsent() < MAX_UNSENT
     }
 
     async fn run(mut self, stop: impl Future<Output = ()>) -> Result<(), NbdError> {
@@ -568,14 +710,8 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Transmission<R, W> {
             // Handle buffered requests, writing replies out as soon as a good amount is
             // ready, so the client receives while the next replies are being read.
             while self.handle_buffered()? {
-                let unsent = self.conn.out.unsent();
-                match self.conn.wr.write(unsent).now_or_never() {
-                    Some(Ok(0)) => return Err(NbdError::Io(io::ErrorKind::WriteZero.into())),
-                    Some(Ok(n)) => self.conn.out.advance(n),
-                    Some(Err(e)) => return Err(e.into()),
-                    None => {}
-                }
-                if self.conn.out.unsent().len() >= SOFT_UNSENT {
+                self.conn.out.write_now(&mut self.conn.wr)?;
+                if self.conn.out.unsent() >= SOFT_UNSENT {
                     // The socket is full: wait for it below.
                     break;
                 }
@@ -587,7 +723,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Transmission<R, W> {
                 return Ok(());
             }
             let can_read = !eof && self.may_take_more() && self.conn.inbuf.has_room();
-            let want_write = !self.conn.out.unsent().is_empty();
+            let want_write = self.conn.out.unsent() > 0;
             if can_read && !want_write && idle {
                 // Spin only after small batches (small-request ping-pong); after large
                 // replies the client is busy copying and the CPU is better left to it.
@@ -601,13 +737,8 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Transmission<R, W> {
                 biased;
                 _ = &mut stop => return Ok(()),
                 Some(done) = self.pending.next(), if !idle => self.complete(done),
-                r = self.conn.wr.write(&self.conn.out.buf[self.conn.out.sent..self.conn.out.len]),
-                    if want_write => {
-                    let n = r?;
-                    if n == 0 {
-                        return Err(NbdError::Io(io::ErrorKind::WriteZero.into()));
-                    }
-                    self.conn.out.advance(n);
+                r = self.conn.out.write_some(&mut self.conn.wr), if want_write => {
+                    r?;
                 }
                 r = self.conn.inbuf.fill(&mut self.conn.rd), if can_read => {
                     if r? == 0 {
@@ -659,7 +790,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Transmission<R, W> {
     /// requests may be buffered.
     fn handle_buffered(&mut self) -> Result<bool, NbdError> {
         while self.may_take_more() {
-            if self.conn.out.unsent().len() >= SOFT_UNSENT {
+            if self.conn.out.unsent() >= SOFT_UNSENT {
                 return Ok(true);
             }
             let data = self.conn.inbuf.data();
@@ -832,10 +963,76 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Transmission<R, W> {
     }
 
     fn read(&mut self, req: Request) {
+        if self.read_mapped(&req) {
+            return;
+        }
         match self.read_segments(&req) {
             None => self.read_whole(req),
             Some(segs) => self.read_pieces(req, segs),
         }
+    }
+
+    /// Answer a READ from [`BlockDevice::try_read_mapped`] pieces, if the device can: long
+    /// data pieces go out without a copy, holes become hole chunks (structured replies
+    /// without DF) or zeros. `false`: the device cannot, nothing was done.
+    fn read_mapped(&mut self, req: &Request) -> bool {
+        let mut pieces = std::mem::take(&mut self.mapped);
+        pieces.clear();
+        let len = req.len as usize;
+        let res = self.dev.try_read_mapped(req.offset, len, &mut pieces);
+        let handled = match res {
+            None => false,
+            Some(Err(e)) => {
+                self.reply_error(req, wire_errno(&e));
+                true
+            }
+            Some(Ok(())) if pieces.iter().map(MappedPiece::len).sum::<usize>() != len => {
+                // A device bug; the copying path is still right.
+                debug_assert!(false, "try_read_mapped covered the wrong length");
+                false
+            }
+            Some(Ok(())) => {
+                let out = &mut self.conn.out;
+                if !self.neg.structured {
+                    proto::encode_simple_reply(out, 0, req.cookie);
+                    pieces.iter().for_each(|p| put_piece(out, p));
+                } else if req.flags & proto::CMD_FLAG_DF != 0 {
+                    proto::encode_offset_data_header(out, true, req.cookie, req.offset, req.len);
+                    pieces.iter().for_each(|p| put_piece(out, p));
+                } else {
+                    // One chunk per run of data or hole pieces.
+                    let mut at = req.offset;
+                    let mut i = 0;
+                    while i < pieces.len() {
+                        let hole = matches!(pieces[i], MappedPiece::Zero(_));
+                        let run = pieces[i..]
+                            .iter()
+                            .take_while(|p| matches!(p, MappedPiece::Zero(_)) == hole)
+                            .count();
+                        let bytes: usize = pieces[i..i + run].iter().map(MappedPiece::len).sum();
+                        let done = i + run == pieces.len();
+                        if hole {
+                            proto::encode_offset_hole(out, done, req.cookie, at, bytes as u32);
+                        } else {
+                            proto::encode_offset_data_header(
+                                out,
+                                done,
+                                req.cookie,
+                                at,
+                                bytes as u32,
+                            );
+                            pieces[i..i + run].iter().for_each(|p| put_piece(out, p));
+                        }
+                        at += bytes as u64;
+                        i += run;
+                    }
+                }
+                true
+            }
+        };
+        pieces.clear();
+        self.mapped = pieces;
+        handled
     }
 
     /// A READ answered by one reply (simple, or one data chunk): all inline or all queued.
@@ -894,7 +1091,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Transmission<R, W> {
                     return;
                 }
             }
-            if !done && self.conn.out.unsent().len() >= SOFT_UNSENT {
+            if !done && self.conn.out.unsent() >= SOFT_UNSENT {
                 self.try_write_now();
             }
         }
@@ -903,9 +1100,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Transmission<R, W> {
     /// Write what the socket takes right now, without waiting. Errors show up again on the
     /// next write, in the main loop.
     fn try_write_now(&mut self) {
-        if let Some(Ok(n)) = self.conn.wr.write(self.conn.out.unsent()).now_or_never() {
-            self.conn.out.advance(n);
-        }
+        let _ = self.conn.out.write_now(&mut self.conn.wr);
     }
 
     /// Queue an async read of `segs` (contiguous, the rest of `req`).
