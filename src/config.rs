@@ -72,6 +72,7 @@ impl Classify for ConfigError {
 /// control-socket = "/run/imgcache/control.sock"
 /// log-level = "info"            # or a tracing filter such as "imgcache=debug"
 /// default-chunk-size = "1M"     # or a number of bytes
+/// nbd-busy-poll = "50us"        # or "off"; see `Config::nbd_busy_poll`
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -83,6 +84,7 @@ pub struct FileConfig {
     pub log_level: Option<String>,
     #[serde(default, deserialize_with = "size_value")]
     pub default_chunk_size: Option<String>,
+    pub nbd_busy_poll: Option<String>,
 }
 
 /// Command-line overrides of `imgcache serve` (and the environment variables clap maps to them).
@@ -95,6 +97,8 @@ pub struct Overrides {
     pub control_socket: Option<PathBuf>,
     pub log_level: Option<String>,
     pub default_chunk_size: Option<String>,
+    /// A duration such as `50us`, or `off`.
+    pub nbd_busy_poll: Option<String>,
 }
 
 /// The validated daemon configuration. All paths are absolute.
@@ -109,6 +113,9 @@ pub struct Config {
     pub log_level: String,
     /// Chunk size for imports that do not choose one, in bytes.
     pub default_chunk_size: u32,
+    /// Longest an NBD connection polls its socket after answering small requests, before
+    /// sleeping (adaptive: see `NbdServer::with_busy_poll`); zero disables polling.
+    pub nbd_busy_poll: std::time::Duration,
 }
 
 impl Config {
@@ -196,6 +203,19 @@ impl Config {
             })?,
         };
 
+        let nbd_busy_poll = match overrides
+            .nbd_busy_poll
+            .as_deref()
+            .or(file.nbd_busy_poll.as_deref())
+        {
+            None => DEFAULT_NBD_BUSY_POLL,
+            Some(text) => parse_busy_poll(text).map_err(|reason| ConfigError::Invalid {
+                key: "nbd-busy-poll",
+                value: text.to_string(),
+                reason,
+            })?,
+        };
+
         Ok(Config {
             state_dir,
             nbd_tcp,
@@ -203,6 +223,7 @@ impl Config {
             control_socket,
             log_level,
             default_chunk_size,
+            nbd_busy_poll,
         })
     }
 
@@ -237,6 +258,23 @@ impl FileConfig {
             }
         })
     }
+}
+
+/// Default of [`Config::nbd_busy_poll`].
+pub const DEFAULT_NBD_BUSY_POLL: std::time::Duration = std::time::Duration::from_micros(50);
+
+/// A busy-poll duration: `off`, `0`, or a duration of at most one millisecond (`50us`).
+fn parse_busy_poll(text: &str) -> Result<std::time::Duration, String> {
+    let t = text.trim();
+    if t == "off" || t == "0" {
+        return Ok(std::time::Duration::ZERO);
+    }
+    let d = humantime::parse_duration(t)
+        .map_err(|e| format!("{e} (use a duration such as 50us, or off)"))?;
+    if d > std::time::Duration::from_millis(1) {
+        return Err("at most 1ms".to_string());
+    }
+    Ok(d)
 }
 
 /// The default state directory for the current user.
@@ -423,6 +461,28 @@ mod tests {
         let cfg = resolve(&file, &overrides).unwrap();
         assert_eq!(cfg.state_dir, PathBuf::from("/from-flag"));
         assert_eq!(cfg.nbd_tcp, None);
+    }
+
+    #[test]
+    fn nbd_busy_poll_defaults_parses_durations_and_off_and_rejects_junk() {
+        let cfg = resolve(&FileConfig::default(), &Overrides::default()).unwrap();
+        assert_eq!(cfg.nbd_busy_poll, DEFAULT_NBD_BUSY_POLL);
+        let file = FileConfig::parse("nbd-busy-poll = \"20us\"", Path::new("c")).unwrap();
+        let cfg = resolve(&file, &Overrides::default()).unwrap();
+        assert_eq!(cfg.nbd_busy_poll, std::time::Duration::from_micros(20));
+        let off = Overrides {
+            nbd_busy_poll: Some("off".into()),
+            ..Overrides::default()
+        };
+        assert!(resolve(&file, &off).unwrap().nbd_busy_poll.is_zero());
+        for bad in ["fast", "2s", "-5us"] {
+            let o = Overrides {
+                nbd_busy_poll: Some(bad.into()),
+                ..Overrides::default()
+            };
+            let err = resolve(&FileConfig::default(), &o).unwrap_err().to_string();
+            assert!(err.contains("nbd-busy-poll"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -70,6 +70,10 @@ struct ServeArgs {
     /// Chunk size of imports that do not choose one [default: 1M]
     #[arg(long, value_name = "SIZE")]
     default_chunk_size: Option<String>,
+    /// Longest an NBD connection polls for more small requests before sleeping (adaptive),
+    /// or "off" [default: 50us]
+    #[arg(long, value_name = "DURATION")]
+    nbd_busy_poll: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -264,6 +268,7 @@ fn serve(state_dir: Option<PathBuf>, args: ServeArgs) -> anyhow::Result<()> {
         control_socket: args.control_socket,
         log_level: args.log_level,
         default_chunk_size: args.default_chunk_size,
+        nbd_busy_poll: args.nbd_busy_poll,
     };
     let config = Config::load(args.config.as_deref(), &overrides)?;
     let filter = std::env::var("RUST_LOG")

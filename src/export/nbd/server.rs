@@ -104,6 +104,7 @@ where
     tracing::debug!(export = %session.export.name, "nbd: transmission phase");
     let mut t = Transmission::new(conn, session);
     t.spin = spin;
+    t.spin_cur = spin.map_or(Duration::ZERO, |(_, d)| d);
     t.run(stop).await
 }
 
@@ -638,6 +639,8 @@ struct Transmission<R, W> {
     disconnecting: bool,
     /// See [`serve`].
     spin: Option<(RawFd, Duration)>,
+    /// The current spin duration, adapted between zero and the configured one.
+    spin_cur: Duration,
     /// Scratch space for [`BlockDevice::try_read_mapped`].
     mapped: Vec<MappedPiece>,
 }
@@ -691,6 +694,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Transmission<R, W> {
             pool: Vec::new(),
             disconnecting: false,
             spin: None,
+            spin_cur: Duration::ZERO,
             mapped: Vec::new(),
         }
     }
@@ -724,13 +728,18 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Transmission<R, W> {
             }
             let can_read = !eof && self.may_take_more() && self.conn.inbuf.has_room();
             let want_write = self.conn.out.unsent() > 0;
-            if can_read && !want_write && idle {
+            // When this connection went to sleep after a spin that found nothing.
+            let mut slept_at = None;
+            if can_read && !want_write && idle && self.spin.is_some() {
                 // Spin only after small batches (small-request ping-pong); after large
                 // replies the client is busy copying and the CPU is better left to it.
                 let batch = self.conn.out.total_sent - spun_at;
                 spun_at = self.conn.out.total_sent;
-                if batch <= SPIN_MAX_BATCH && self.spin_for_input()? {
-                    continue;
+                if batch <= SPIN_MAX_BATCH {
+                    if self.spin_for_input()? {
+                        continue;
+                    }
+                    slept_at = Some(std::time::Instant::now());
                 }
             }
             tokio::select! {
@@ -743,18 +752,53 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Transmission<R, W> {
                 r = self.conn.inbuf.fill(&mut self.conn.rd), if can_read => {
                     if r? == 0 {
                         eof = true;
+                    } else if let Some(t) = slept_at {
+                        self.spin_woken_after(t.elapsed());
                     }
                 }
             }
         }
     }
 
-    /// Poll the socket for new requests for up to the spin duration; `true` if something
-    /// was read.
+    /// Adapt the spin duration after a sleep of `slept` ended with new requests: had the
+    /// configured spin covered it, spinning is worth it again.
+    fn spin_woken_after(&mut self, slept: Duration) {
+        let Some((_, max)) = self.spin else {
+            return;
+        };
+        if slept < max {
+            self.spin_cur = (self.spin_cur * 2).clamp(max / 4, max);
+        }
+    }
+
+    /// Poll the socket for new requests for up to the current spin duration; `true` if
+    /// something was read.
+    ///
+    /// The duration adapts (as KVM's halt polling does), so that a client which pauses
+    /// between requests costs little CPU: a spin that finds nothing halves it, down to zero
+    /// below an eighth of the configured duration; a spin that finds requests doubles it,
+    /// and so does a sleep that ended sooner than the configured duration (see
+    /// [`Transmission::spin_woken_after`]), from at least a quarter of it.
     fn spin_for_input(&mut self) -> Result<bool, NbdError> {
-        let Some((fd, spin)) = self.spin else {
+        let Some((fd, max)) = self.spin else {
             return Ok(false);
         };
+        let spin = self.spin_cur;
+        if spin.is_zero() {
+            return Ok(false);
+        }
+        let found = self.spin_recv(fd, spin)?;
+        self.spin_cur = if found {
+            (spin * 2).min(max)
+        } else if spin / 2 < max / 8 {
+            Duration::ZERO
+        } else {
+            spin / 2
+        };
+        Ok(found)
+    }
+
+    fn spin_recv(&mut self, fd: RawFd, spin: Duration) -> Result<bool, NbdError> {
         let inb = &mut self.conn.inbuf;
         if inb.buf.len() - inb.end < 64 * 1024 && inb.start > 0 {
             inb.compact();
