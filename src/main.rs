@@ -71,7 +71,7 @@ struct ServeArgs {
     #[arg(long, value_name = "SIZE")]
     default_chunk_size: Option<String>,
     /// Longest an NBD connection polls for more small requests before sleeping (adaptive),
-    /// or "off" [default: 50us]
+    /// e.g. "50us", or "off" [default: off]
     #[arg(long, value_name = "DURATION")]
     nbd_busy_poll: Option<String>,
 }
