@@ -3,6 +3,7 @@
 # the same 1 GiB random image on tmpfs, measured with fio's nbd engine.
 #
 #   benches/nbd_read.sh            # ROUNDS=3 RUNTIME=6 SIZE=1G by default
+#   BASE_BIN=/tmp/imgcache-old benches/nbd_read.sh   # also measure another imgcache build
 #
 # Prints a markdown table (median of ROUNDS, interleaved) with imgcache's ratio to each peer.
 set -euo pipefail
@@ -22,6 +23,7 @@ cleanup() {
   [ -n "${IMGCACHE_PID:-}" ] && kill "$IMGCACHE_PID" 2>/dev/null || true
   [ -n "${QEMU_PID:-}" ] && kill "$QEMU_PID" 2>/dev/null || true
   [ -n "${NBDKIT_PID:-}" ] && kill "$NBDKIT_PID" 2>/dev/null || true
+  [ -n "${BASE_PID:-}" ] && kill "$BASE_PID" 2>/dev/null || true
   wait 2>/dev/null || true
   rm -rf "$W"
 }
@@ -34,6 +36,12 @@ head -c "$SIZE" /dev/urandom > "$IMG"
 IMGCACHE_PID=$!
 for _ in $(seq 100); do [ -S "$W/state/control.sock" ] && break; sleep 0.1; done
 IMGCACHE_STATE_DIR=$W/state "$BIN" image add bench --file "$IMG" >/dev/null
+if [ -n "${BASE_BIN:-}" ]; then
+  "$BASE_BIN" serve --state-dir "$W/base" --nbd-tcp off >"$W/base.log" 2>&1 &
+  BASE_PID=$!
+  for _ in $(seq 100); do [ -S "$W/base/control.sock" ] && break; sleep 0.1; done
+  IMGCACHE_STATE_DIR=$W/base "$BASE_BIN" image add bench --file "$IMG" >/dev/null
+fi
 qemu-nbd -r -f raw -x img -e 8 --persistent --socket="$W/qemu.sock" "$IMG" &
 QEMU_PID=$!
 nbdkit -f -r -U "$W/nbdkit.sock" file "$IMG" &
@@ -46,6 +54,11 @@ declare -A URI=(
   [nbdkit]="nbd+unix:///?socket=$W/nbdkit.sock"
 )
 SERVERS=(imgcache qemu-nbd nbdkit)
+if [ -n "${BASE_BIN:-}" ]; then
+  URI[imgcache-base]="nbd+unix:///images/bench?socket=$W/base/nbd.sock"
+  SERVERS+=(imgcache-base)
+fi
+[ -n "${SKIP_QEMU:-}" ] && SERVERS=("${SERVERS[@]/qemu-nbd}")
 declare -A WL=(
   [seqread-1M-qd8]="--rw=read --bs=1M --iodepth=8"
   [randread-4K-qd32]="--rw=randread --bs=4k --iodepth=32"
@@ -56,6 +69,7 @@ RES=$W/results.txt; : > "$RES"
 for r in $(seq "$ROUNDS"); do
   for wl in "${WORKLOADS[@]}"; do
     for s in "${SERVERS[@]}"; do
+      [ -n "$s" ] || continue
       # shellcheck disable=SC2086
       fio --name=b --ioengine=nbd --uri="${URI[$s]}" --size="$SIZE" ${WL[$wl]} \
           --runtime="$RUNTIME" --time_based --output-format=json --output="$W/fio.json" >/dev/null
@@ -76,12 +90,14 @@ for s, wl, mib, iops in rows:
     res.setdefault((s, wl), []).append((float(mib), float(iops)))
 med = {k: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v)) for k, v in res.items()}
 wls = ["seqread-1M-qd8", "randread-4K-qd32"]
-peers = ["qemu-nbd", "nbdkit"]
+names = {k[0] for k in med}
+peers = [p for p in ["qemu-nbd", "nbdkit"] if p in names]
+others = sorted(names - set(peers) - {"imgcache"})
 print("| workload | server | MiB/s | IOPS | imgcache ÷ server |")
 print("|---|---|---:|---:|---:|")
 for wl in wls:
     mine = med[("imgcache", wl)]
-    for s in ["imgcache"] + peers:
+    for s in ["imgcache"] + peers + others:
         m = med[(s, wl)]
         ratio = "—" if s == "imgcache" else f"{mine[0] / m[0]:.2f}x"
         print(f"| {wl} | {s} | {m[0]:.0f} | {m[1]:.0f} | {ratio} |")

@@ -107,6 +107,10 @@ struct ServeArgs {
     /// Mount the FUSE export here, or "off" [default: STATE_DIR/mnt when /dev/fuse works]
     #[arg(long, value_name = "DIR")]
     fuse_mount: Option<String>,
+    /// Longest an NBD connection polls for more small requests before sleeping (adaptive),
+    /// e.g. "50us", or "off" [default: off]
+    #[arg(long, value_name = "DURATION")]
+    nbd_busy_poll: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -368,6 +372,7 @@ fn serve(state_dir: Option<PathBuf>, args: ServeArgs) -> anyhow::Result<()> {
         log_level: args.log_level,
         default_chunk_size: args.default_chunk_size,
         fuse_mount: args.fuse_mount,
+        nbd_busy_poll: args.nbd_busy_poll,
     };
     let config = Config::load(args.config.as_deref(), &overrides)?;
     let filter = std::env::var("RUST_LOG")

@@ -146,6 +146,71 @@ pub fn fs_total_bytes(path: &std::path::Path) -> io::Result<u64> {
     Ok(st.f_blocks as u64 * st.f_frsize as u64)
 }
 
+/// A read-only shared mapping of a whole file, unmapped on drop.
+///
+/// Only for files that are never modified or truncated while mapped: a file shrinking
+/// under a mapping turns reads of the lost pages into `SIGBUS`, and writes to it would
+/// change bytes behind a `&[u8]`. Content-addressed chunk files qualify: they are written
+/// to a temporary name and renamed into place, never changed afterwards, and only ever
+/// unlinked (an unlinked file stays valid while mapped).
+pub struct Mapping {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is read-only memory owned by this value; sharing `&[u8]` views of it
+// between threads is as safe as sharing any immutable byte slice.
+unsafe impl Send for Mapping {}
+// SAFETY: as above; no interior mutability.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// Map all `len` bytes of `file` read-only, with the pages populated up front
+    /// (`MAP_POPULATE`), so reading the mapping does not fault page by page. The caller
+    /// guarantees the file is immutable (see the type's docs) and `len` is its size.
+    /// `len == 0` is an error (`EINVAL`), as for mmap(2).
+    pub fn map_immutable(file: &File, len: usize) -> io::Result<Mapping> {
+        if len == 0 {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        // SAFETY: a fresh mapping (addr NULL) of an open fd; it aliases no Rust memory.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED | libc::MAP_POPULATE,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = std::ptr::NonNull::new(p.cast::<u8>())
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+        Ok(Mapping { ptr, len })
+    }
+}
+
+impl AsRef<[u8]> for Mapping {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: `ptr .. ptr+len` is a live PROT_READ mapping owned by `self` (unmapped
+        // only in drop); the file behind it is never modified or truncated (type docs).
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: `ptr/len` is exactly the mapping made in `map_immutable`, unmapped once;
+        // no borrow of it outlives `self`.
+        unsafe {
+            libc::munmap(self.ptr.as_ptr().cast(), self.len);
+        }
+    }
+}
+
 /// Raise the soft limit of open files to the hard limit (the cache and the local store keep
 /// many files open). Returns the new soft limit.
 pub fn raise_fd_limit() -> u64 {
@@ -192,6 +257,20 @@ mod tests {
             pread_nowait(&f, &mut buf, 8190).unwrap(),
             NoWait::Done
         ));
+    }
+
+    #[test]
+    fn mapping_shows_the_file_and_outlives_unlink() {
+        let dir = tempfile::tempdir_in("/dev/shm").unwrap_or_else(|_| tempfile::tempdir().unwrap());
+        let p = dir.path().join("f");
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&p, &data).unwrap();
+        let f = File::open(&p).unwrap();
+        let m = Mapping::map_immutable(&f, data.len()).unwrap();
+        drop(f);
+        std::fs::remove_file(&p).unwrap();
+        assert_eq!(m.as_ref(), &data[..]);
+        assert!(Mapping::map_immutable(&File::open(dir.path()).unwrap(), 0).is_err());
     }
 
     #[test]

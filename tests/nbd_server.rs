@@ -911,3 +911,130 @@ async fn busy_polling_server_serves_ping_pong_and_pipelined_reads() {
     tx.send(true).unwrap();
     run.await.unwrap().unwrap();
 }
+
+// ---- Zero-copy reads (devices with try_read_mapped) ---------------------------------------
+
+async fn start_mapped() -> Client {
+    let mut h = start_with(test_device().with_mapped());
+    h.client.greet().await;
+    std::mem::forget(h._tx);
+    drop(h.task);
+    h.client
+}
+
+/// Reads spanning data pieces long and short, holes, and the remote (slow path) range.
+const MAPPED_READS: [(u64, u32); 6] = [
+    (0, 4096),
+    (60000, 80000),
+    (400_000, 300_000),
+    (500_000, 100_000),
+    (250_000, 200_000),
+    (SIZE as u64 - 4096, 4096),
+];
+
+#[tokio::test]
+async fn mapped_read_simple_returns_the_data() {
+    let mut c = start_mapped().await;
+    c.go("disk").await;
+    for (i, (off, len)) in MAPPED_READS.into_iter().enumerate() {
+        c.request(0, 0, i as u64, off, len).await;
+        let (err, cookie, data) = c.simple(len as usize).await;
+        assert_eq!((err, cookie), (0, i as u64));
+        assert_eq!(
+            data,
+            expected(off as usize, len as usize),
+            "read {off}+{len}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn mapped_read_structured_sends_holes_as_hole_chunks() {
+    let mut c = start_mapped().await;
+    c.structured().await;
+    c.go("disk").await;
+    for (i, (off, len)) in MAPPED_READS.into_iter().enumerate() {
+        c.request(0, 0, i as u64, off, len).await;
+        let chunks = c.chunks().await;
+        assert!(chunks.iter().all(|ch| ch.cookie == i as u64));
+        let (data, _) = assemble(&chunks, off, len as usize);
+        assert_eq!(
+            data,
+            expected(off as usize, len as usize),
+            "read {off}+{len}"
+        );
+    }
+    // 60000+80000 is data, hole, data: three chunks, like the copying path.
+    c.request(0, 0, 7, 60000, 80000).await;
+    let chunks = c.chunks().await;
+    assert_eq!(chunks.len(), 3);
+    assert_eq!(assemble(&chunks, 60000, 80000).1, 1);
+}
+
+#[tokio::test]
+async fn mapped_read_structured_with_df_sends_one_data_chunk() {
+    let mut c = start_mapped().await;
+    c.structured().await;
+    c.go("disk").await;
+    c.request(0, CMD_FLAG_DF, 7, 400_000, 300_000).await;
+    let chunks = c.chunks().await;
+    assert_eq!(chunks.len(), 1);
+    assert_eq!(chunks[0].kind, REPLY_TYPE_OFFSET_DATA);
+    assert_eq!(
+        assemble(&chunks, 400_000, 300_000).0,
+        expected(400_000, 300_000)
+    );
+}
+
+#[tokio::test]
+async fn mapped_read_past_end_returns_einval() {
+    let mut c = start_mapped().await;
+    c.structured().await;
+    c.go("disk").await;
+    c.request(0, 0, 5, SIZE as u64 - 10, 11).await;
+    let ch = c.chunk().await;
+    assert_eq!(ch.kind, REPLY_TYPE_ERROR);
+    assert_eq!(be32(&ch.payload), EINVAL);
+}
+
+#[tokio::test]
+async fn mapped_large_pipelined_reads_to_a_slow_reader_arrive_intact() {
+    let mut c = start_mapped().await;
+    c.go("disk").await;
+    const N: u64 = 200;
+    let reqs: Vec<(u64, u32)> = (0..N)
+        .map(|i| {
+            (
+                (i * 37_813) % (SIZE as u64 - 200_000),
+                100_000 + (i as u32 % 7) * 13_000,
+            )
+        })
+        .collect();
+    let mut batch = Vec::new();
+    for (i, (off, len)) in reqs.iter().enumerate() {
+        batch.extend_from_slice(&req_bytes(0, 0, i as u64, *off, *len));
+    }
+    let (mut rd, mut wr) = c.s.into_split();
+    let writer = tokio::spawn(async move {
+        wr.write_all(&batch).await.unwrap();
+        wr
+    });
+    let mut seen = vec![false; N as usize];
+    for n in 0..N {
+        if n % 20 == 0 {
+            // Let the socket fill up, so the server's writes come out partial.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut h = [0u8; 16];
+        rd.read_exact(&mut h).await.unwrap();
+        assert_eq!(be32(&h[4..8]), 0);
+        let cookie = be64(&h[8..16]);
+        let (off, len) = reqs[cookie as usize];
+        let mut p = vec![0u8; len as usize];
+        rd.read_exact(&mut p).await.unwrap();
+        assert!(p == expected(off as usize, len as usize), "cookie {cookie}");
+        assert!(!std::mem::replace(&mut seen[cookie as usize], true));
+    }
+    assert!(seen.iter().all(|s| *s));
+    drop(writer.await.unwrap());
+}

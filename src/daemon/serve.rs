@@ -81,7 +81,10 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut tasks: JoinSet<(&'static str, std::io::Result<()>)> = JoinSet::new();
 
-    let nbd = NbdServer::new(daemon.clone() as Arc<dyn ExportRegistry>);
+    let nbd = NbdServer::with_busy_poll(
+        daemon.clone() as Arc<dyn ExportRegistry>,
+        config.nbd_busy_poll,
+    );
     tasks.spawn({
         let (nbd, rx) = (nbd.clone(), shutdown_rx.clone());
         async move { ("NBD unix listener", nbd.run_unix(nbd_unix, rx).await) }

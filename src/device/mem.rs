@@ -13,7 +13,7 @@ use std::ops::Range;
 use futures::future::BoxFuture;
 use parking_lot::RwLock;
 
-use super::{errno_error, BlockDevice, Extent, ExtentKind, Residency, WritableDevice};
+use super::{errno_error, BlockDevice, Extent, ExtentKind, MappedPiece, Residency, WritableDevice};
 
 struct State {
     data: Vec<u8>,
@@ -27,7 +27,13 @@ pub struct MemDevice {
     /// Sorted, non-overlapping.
     remote: Vec<Range<u64>>,
     writable: bool,
+    /// Whether `try_read_mapped` serves reads (see [`MemDevice::with_mapped`]).
+    mapped: bool,
 }
+
+/// Data pieces of `try_read_mapped` are cut at multiples of this, so one read yields
+/// several pieces of different lengths.
+const MAPPED_PIECE: u64 = 40_000;
 
 impl MemDevice {
     /// A read-only device with these bytes, all data, all local.
@@ -39,6 +45,7 @@ impl MemDevice {
             }),
             remote: Vec::new(),
             writable: false,
+            mapped: false,
         }
     }
 
@@ -74,6 +81,15 @@ impl MemDevice {
     }
 
     /// Accept writes through [`BlockDevice::writable`].
+    /// Serve local reads through [`BlockDevice::try_read_mapped`] too (holes as zero
+    /// pieces, data as copies cut at multiples of 40 000 bytes), to exercise a front end's
+    /// zero-copy path.
+    pub fn with_mapped(mut self) -> MemDevice {
+        self.mapped = true;
+        self
+    }
+
+    /// Make the device writable.
     pub fn with_writes(mut self) -> MemDevice {
         self.writable = true;
         self
@@ -160,6 +176,36 @@ impl BlockDevice for MemDevice {
             return None;
         }
         Some(self.read_now(offset, buf))
+    }
+
+    fn try_read_mapped(
+        &self,
+        offset: u64,
+        len: usize,
+        out: &mut Vec<MappedPiece>,
+    ) -> Option<io::Result<()>> {
+        if !self.mapped || self.touches_remote(offset, len as u64) {
+            return None;
+        }
+        if let Err(e) = self.check(offset, len as u64) {
+            return Some(Err(e));
+        }
+        let st = self.state.read();
+        let end = offset + len as u64;
+        let mut pos = offset;
+        while pos < end {
+            let (hole, run_end) = run_at(&st.holes, pos, end);
+            if hole {
+                out.push(MappedPiece::Zero((run_end - pos) as usize));
+                pos = run_end;
+                continue;
+            }
+            let next = ((pos / MAPPED_PIECE + 1) * MAPPED_PIECE).min(run_end);
+            let bytes = &st.data[pos as usize..next as usize];
+            out.push(MappedPiece::Data(bytes::Bytes::copy_from_slice(bytes)));
+            pos = next;
+        }
+        Some(Ok(()))
     }
 
     fn read<'a>(&'a self, offset: u64, buf: &'a mut [u8]) -> BoxFuture<'a, io::Result<()>> {

@@ -40,6 +40,29 @@ pub struct Extent {
     pub residency: Residency,
 }
 
+/// One part of a read served by [`BlockDevice::try_read_mapped`], in order.
+#[derive(Debug, Clone)]
+pub enum MappedPiece {
+    /// These bytes, shared with the device (e.g. a view of a memory-mapped file); holding
+    /// the `Bytes` keeps them valid and unchanged.
+    Data(bytes::Bytes),
+    /// This many bytes of a hole: they read as zeros.
+    Zero(usize),
+}
+
+impl MappedPiece {
+    pub fn len(&self) -> usize {
+        match self {
+            MappedPiece::Data(b) => b.len(),
+            MappedPiece::Zero(n) => *n,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// A virtual disk that can be read by offset.
 ///
 /// Contract for every method taking `offset` and a length: the caller guarantees
@@ -57,6 +80,22 @@ pub trait BlockDevice: Send + Sync + 'static {
     /// read is complete (successfully or not). This is the hot path of cached data: the NBD
     /// server calls it inline on its connection task.
     fn try_read_nowait(&self, offset: u64, buf: &mut [u8]) -> Option<io::Result<()>>;
+
+    /// Zero-copy variant of [`BlockDevice::try_read_nowait`]: describe `offset .. offset+len`
+    /// as pieces appended to `out` (covering exactly `len` bytes, in order) without copying
+    /// the data, if that is possible right now without blocking.
+    ///
+    /// `None`: not possible (the default; the caller uses `try_read_nowait`/`read`), and
+    /// anything appended to `out` is to be discarded. `Some(Err)` is a failed read.
+    fn try_read_mapped(
+        &self,
+        offset: u64,
+        len: usize,
+        out: &mut Vec<MappedPiece>,
+    ) -> Option<io::Result<()>> {
+        let _ = (offset, len, out);
+        None
+    }
 
     /// Read `buf.len()` bytes at `offset`, blocking work done off the async runtime.
     fn read<'a>(&'a self, offset: u64, buf: &'a mut [u8]) -> BoxFuture<'a, io::Result<()>>;

@@ -30,13 +30,14 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 
+use bytes::Bytes;
 use futures::future::BoxFuture;
 use parking_lot::Mutex;
 
 use super::remote::{ManifestSource, ObjectSource};
 use super::{chunk_key, ImageError, Manifest};
 use crate::cache::{CachedImage, ChunkCache};
-use crate::device::{errno_error, BlockDevice, Extent, ExtentKind, Residency};
+use crate::device::{errno_error, BlockDevice, Extent, ExtentKind, MappedPiece, Residency};
 use crate::store::Store;
 use crate::sys::NoWait;
 use crate::types::Digest;
@@ -64,13 +65,21 @@ type DigestMap<V> = HashMap<Digest, V, BuildHasherDefault<DigestHasher>>;
 
 const SHARDS: usize = 16;
 
-/// A bounded cache of open chunk files, keyed by digest, shareable between images.
+/// A bounded cache of open chunk files, keyed by digest, shareable between images; and,
+/// beside it, of read-only mappings of chunk files on memory file systems (see
+/// [`FdCache::get_map`]).
 ///
 /// Sharded by digest; each shard evicts with the clock algorithm (an entry used since the
-/// hand last passed gets a second chance). Evicted files close when the last reader using
-/// them drops its `Arc`.
+/// hand last passed gets a second chance). Evicted files close (and mappings unmap) when
+/// the last reader using them drops its `Arc` (or `Bytes`).
 pub struct FdCache {
-    shards: [CachePadded<Mutex<Shard>>; SHARDS],
+    files: Clock<Arc<File>>,
+    maps: Clock<Bytes>,
+}
+
+/// The sharded clock cache behind [`FdCache`].
+struct Clock<V> {
+    shards: [CachePadded<Mutex<Shard<V>>>; SHARDS],
     per_shard: usize,
 }
 
@@ -86,59 +95,61 @@ impl<T> std::ops::Deref for CachePadded<T> {
     }
 }
 
-#[derive(Default)]
-struct Shard {
+struct Shard<V> {
     map: DigestMap<usize>,
-    slots: Vec<Slot>,
+    slots: Vec<Slot<V>>,
     hand: usize,
 }
 
-struct Slot {
+struct Slot<V> {
     digest: Digest,
-    file: Arc<File>,
+    value: V,
     referenced: bool,
 }
 
-impl FdCache {
-    /// A cache holding up to about `capacity` open files (at least one per shard).
-    pub fn new(capacity: usize) -> FdCache {
-        FdCache {
-            shards: std::array::from_fn(|_| CachePadded(Mutex::new(Shard::default()))),
+impl<V: Clone> Clock<V> {
+    fn new(capacity: usize) -> Clock<V> {
+        Clock {
+            shards: std::array::from_fn(|_| {
+                CachePadded(Mutex::new(Shard {
+                    map: DigestMap::default(),
+                    slots: Vec::new(),
+                    hand: 0,
+                }))
+            }),
             per_shard: capacity.div_ceil(SHARDS).max(1),
         }
     }
 
     #[inline]
-    fn shard(&self, d: &Digest) -> &Mutex<Shard> {
+    fn shard(&self, d: &Digest) -> &Mutex<Shard<V>> {
         &self.shards[usize::from(d.0[31]) % SHARDS]
     }
 
-    /// The open file of chunk `d`, if cached.
     #[inline]
-    pub fn get(&self, d: &Digest) -> Option<Arc<File>> {
+    fn get(&self, d: &Digest) -> Option<V> {
         let mut shard = self.shard(d).lock();
         let i = *shard.map.get(d)?;
         let slot = &mut shard.slots[i];
         slot.referenced = true;
-        Some(Arc::clone(&slot.file))
+        Some(slot.value.clone())
     }
 
-    /// Cache `file` for `d` (keeping an already cached one); returns the cached file.
-    pub fn insert(&self, d: Digest, file: Arc<File>) -> Arc<File> {
+    fn insert(&self, d: Digest, value: V) -> V {
         let mut guard = self.shard(&d).lock();
         let shard = &mut *guard;
         if let Some(&i) = shard.map.get(&d) {
-            return Arc::clone(&shard.slots[i].file);
+            return shard.slots[i].value.clone();
         }
         let slot = Slot {
             digest: d,
-            file: Arc::clone(&file),
+            value: value.clone(),
             referenced: false,
         };
         if shard.slots.len() < self.per_shard {
             shard.map.insert(d, shard.slots.len());
             shard.slots.push(slot);
-            return file;
+            return value;
         }
         loop {
             let h = shard.hand;
@@ -150,13 +161,51 @@ impl FdCache {
             shard.map.remove(&shard.slots[h].digest);
             shard.map.insert(d, h);
             shard.slots[h] = slot;
-            return file;
+            return value;
         }
+    }
+
+    fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().slots.len()).sum()
+    }
+}
+
+impl FdCache {
+    /// A cache holding up to about `capacity` open files (at least one per shard), and as
+    /// many mappings.
+    pub fn new(capacity: usize) -> FdCache {
+        FdCache {
+            files: Clock::new(capacity),
+            maps: Clock::new(capacity),
+        }
+    }
+
+    /// The open file of chunk `d`, if cached.
+    #[inline]
+    pub fn get(&self, d: &Digest) -> Option<Arc<File>> {
+        self.files.get(d)
+    }
+
+    /// Cache `file` for `d` (keeping an already cached one); returns the cached file.
+    pub fn insert(&self, d: Digest, file: Arc<File>) -> Arc<File> {
+        self.files.insert(d, file)
+    }
+
+    /// The whole mapped chunk `d`, if cached.
+    #[inline]
+    pub fn get_map(&self, d: &Digest) -> Option<Bytes> {
+        self.maps.get(d)
+    }
+
+    /// Cache the mapping `map` of chunk `d` (keeping an already cached one); returns the
+    /// cached one.
+    pub fn insert_map(&self, d: Digest, map: Bytes) -> Bytes {
+        self.maps.insert(d, map)
     }
 
     /// Number of cached files.
     pub fn len(&self) -> usize {
-        self.shards.iter().map(|s| s.lock().slots.len()).sum()
+        self.files.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -467,6 +516,61 @@ impl Inner {
         Some(Ok(()))
     }
 
+    /// The zero-copy hot path, for chunk files on a memory file system only (`MODE_PLAIN`):
+    /// data pieces are views of the chunk files mapped whole with `MAP_POPULATE`, which
+    /// never wait for a device there. Elsewhere a page fault on a mapping could block the
+    /// connection's thread on disk I/O, so other file systems keep the `RWF_NOWAIT` copy
+    /// path. Chunk files are immutable (content-addressed, written via temp + rename) and
+    /// only ever unlinked, so a mapping can neither change nor `SIGBUS`.
+    fn try_read_mapped(
+        &self,
+        offset: u64,
+        len: usize,
+        out: &mut Vec<MappedPiece>,
+    ) -> Option<io::Result<()>> {
+        if self.cached.is_some() || self.mode.load(Ordering::Relaxed) != MODE_PLAIN {
+            return None;
+        }
+        if let Err(e) = self.check_range(offset, len) {
+            return Some(Err(e));
+        }
+        for (index, within, n) in self.pieces(offset, len) {
+            let Some(digest) = self.manifest.chunk(index) else {
+                match out.last_mut() {
+                    Some(MappedPiece::Zero(z)) => *z += n,
+                    _ => out.push(MappedPiece::Zero(n)),
+                }
+                continue;
+            };
+            let map = match self.fds.get_map(digest) {
+                Some(m) => m,
+                None => self.map_nowait(index, digest)?,
+            };
+            let within = within as usize;
+            if within + n > map.len() {
+                // Cannot happen (sizes are checked when mapping): let the slow path report.
+                return None;
+            }
+            out.push(MappedPiece::Data(map.slice(within..within + n)));
+        }
+        Some(Ok(()))
+    }
+
+    /// Map and cache data chunk `index` (memory file systems only), or `None`.
+    #[cold]
+    fn map_nowait(&self, index: u64, digest: &Digest) -> Option<Bytes> {
+        let file = match self.fds.get(digest) {
+            Some(f) => f,
+            None => self.open_nowait(index, digest)?,
+        };
+        let len = usize::try_from(self.manifest.chunk_len(index)).ok()?;
+        if file.metadata().ok()?.len() != len as u64 {
+            return None;
+        }
+        let map = crate::sys::Mapping::map_immutable(&file, len).ok()?;
+        Some(self.fds.insert_map(*digest, Bytes::from_owner(map)))
+    }
+
     /// The hot path of cached images: every piece from the page cache, or `None`.
     fn try_read_cached(
         &self,
@@ -625,6 +729,16 @@ impl BlockDevice for Image {
     #[inline]
     fn try_read_nowait(&self, offset: u64, buf: &mut [u8]) -> Option<io::Result<()>> {
         self.inner.try_read_nowait(offset, buf)
+    }
+
+    #[inline]
+    fn try_read_mapped(
+        &self,
+        offset: u64,
+        len: usize,
+        out: &mut Vec<MappedPiece>,
+    ) -> Option<io::Result<()>> {
+        self.inner.try_read_mapped(offset, len, out)
     }
 
     fn read<'a>(&'a self, offset: u64, buf: &'a mut [u8]) -> BoxFuture<'a, io::Result<()>> {

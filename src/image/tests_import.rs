@@ -12,7 +12,7 @@ use proptest::prelude::*;
 
 use super::testutil::tempdir;
 use super::*;
-use crate::device::{errno_of, BlockDevice, ExtentKind};
+use crate::device::{errno_of, BlockDevice, ExtentKind, MappedPiece};
 use crate::store::dir::DirStore;
 use crate::store::{Store, StoreError};
 
@@ -153,6 +153,54 @@ async fn try_read_nowait_serves_cached_chunks_and_holes() {
         .unwrap()
         .unwrap();
     assert_eq!(cross, &data[CSU - 100..2 * CSU + 100]);
+}
+
+#[tokio::test]
+async fn try_read_mapped_on_tmpfs_shares_chunk_bytes_and_reports_holes() {
+    let env = Env::new();
+    let data = patterned(&[5, 0, 6], 10);
+    let imp = env.import_bytes(&data).await;
+    let img = Image::open(Arc::clone(&env.store), &imp.manifest_key)
+        .await
+        .unwrap();
+    let mut pieces = Vec::new();
+    let Some(res) = img.try_read_mapped(CS as u64 - 100, 2 * CSU, &mut pieces) else {
+        // Only memory file systems are mapped; elsewhere the copying path serves reads.
+        assert!(!crate::sys::is_memory_fs(env.dir.path()));
+        return;
+    };
+    res.unwrap();
+    let mut got = Vec::new();
+    let mut zeros = 0;
+    for p in &pieces {
+        match p {
+            MappedPiece::Data(b) => got.extend_from_slice(b),
+            MappedPiece::Zero(n) => {
+                zeros += n;
+                got.resize(got.len() + n, 0);
+            }
+        }
+    }
+    assert_eq!(zeros, CSU);
+    assert_eq!(pieces.len(), 3);
+    assert_eq!(got, &data[CSU - 100..3 * CSU - 100]);
+    // Past the end: EINVAL, as the copying path.
+    pieces.clear();
+    let end = data.len() as u64;
+    assert!(img
+        .try_read_mapped(end - 5, 10, &mut pieces)
+        .unwrap()
+        .is_err());
+    // A mapping stays valid after its chunk file is removed (expunge).
+    pieces.clear();
+    img.try_read_mapped(0, 100, &mut pieces).unwrap().unwrap();
+    for k in env.chunk_keys().await {
+        env.store.delete(&k).await.unwrap();
+    }
+    let MappedPiece::Data(b) = &pieces[0] else {
+        panic!("expected data");
+    };
+    assert_eq!(&b[..], &data[..100]);
 }
 
 #[tokio::test]

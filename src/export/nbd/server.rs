@@ -12,12 +12,14 @@
 //! queued requests and [`MAX_INFLIGHT_BYTES`] of their buffers exist per connection, and
 //! no new request is read while either limit or [`MAX_UNSENT`] is reached.
 
+use std::collections::VecDeque;
 use std::future::Future;
-use std::io;
+use std::io::{self, IoSlice};
 use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt};
 use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -25,7 +27,7 @@ use tokio::sync::watch;
 
 use super::proto::{self, ClientOption, Command, MetaContext, Negotiated, Request, Sink};
 use super::NbdError;
-use crate::device::{errno_of, BlockDevice, ExtentKind, Residency};
+use crate::device::{errno_of, BlockDevice, ExtentKind, MappedPiece, Residency};
 use crate::export::{Export, ExportRegistry};
 
 /// Most requests queued (waiting on the device) per connection.
@@ -44,6 +46,13 @@ const SPIN_MAX_BATCH: u64 = 256 * 1024;
 const PIECE: usize = 256 * 1024;
 /// Most extents asked from the device to find holes in one READ.
 const MAX_READ_EXTENTS: usize = 64;
+
+/// Mapped data pieces at least this long are written straight from the device's memory
+/// (`writev`); shorter ones are copied into the output buffer, which costs less than an
+/// extra slice per reply.
+const SHARE_MIN: usize = 16 * 1024;
+/// Zeros for holes sent without copying.
+static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
 
 const INBUF_SIZE: usize = 256 * 1024;
 /// An idle connection keeps an output buffer up to this size for reuse.
@@ -95,6 +104,7 @@ where
     tracing::debug!(export = %session.export.name, "nbd: transmission phase");
     let mut t = Transmission::new(conn, session);
     t.spin = spin;
+    t.spin_cur = spin.map_or(Duration::ZERO, |(_, d)| d);
     t.run(stop).await
 }
 
@@ -179,16 +189,35 @@ impl InBuf {
     }
 }
 
-/// Replies waiting to be written: `buf[sent..len]`. `buf` stays initialised up to its
-/// length, so reads can land in it without zeroing it first.
+/// Replies waiting to be written: the bytes of `buf[sent..len]`, with the shared (zero-copy)
+/// pieces of `shared` spliced in: `(pos, bytes)` goes out right after `buf[..pos]`.
+/// `buf` stays initialised up to its length, so reads can land in it without zeroing it
+/// first.
 #[derive(Default)]
 struct OutBuf {
     buf: Vec<u8>,
     len: usize,
     sent: usize,
+    /// In order of `pos` (non-decreasing); never holds empty `Bytes`.
+    shared: VecDeque<(usize, Bytes)>,
+    /// Bytes of the front `shared` piece already written.
+    shared_sent: usize,
+    /// Unsent bytes, `buf`'s and `shared`'s.
+    unsent: usize,
     /// Bytes written over the connection's life.
     total_sent: u64,
 }
+
+/// A position in an [`OutBuf`] to roll back to.
+#[derive(Clone, Copy)]
+struct Mark {
+    len: usize,
+    shared: usize,
+    unsent: usize,
+}
+
+/// Most slices given to one `writev`.
+const MAX_IOV: usize = 64;
 
 impl OutBuf {
     /// Append `n` bytes (with stale contents) and return them to be filled.
@@ -200,41 +229,135 @@ impl OutBuf {
         }
         let start = self.len;
         self.len = end;
+        self.unsent += n;
         &mut self.buf[start..end]
     }
 
-    fn mark(&self) -> usize {
-        self.len
+    /// Append `bytes` without copying them; they are kept until written.
+    fn put_shared(&mut self, bytes: Bytes) {
+        if bytes.is_empty() {
+            return;
+        }
+        self.unsent += bytes.len();
+        self.shared.push_back((self.len, bytes));
     }
 
-    fn truncate(&mut self, mark: usize) {
-        debug_assert!(mark >= self.sent);
-        self.len = mark;
+    /// Where the next reply starts. Nothing may be written between taking a mark and
+    /// truncating to it.
+    fn mark(&self) -> Mark {
+        Mark {
+            len: self.len,
+            shared: self.shared.len(),
+            unsent: self.unsent,
+        }
     }
 
-    fn unsent(&self) -> &[u8] {
-        &self.buf[self.sent..self.len]
+    fn truncate(&mut self, mark: Mark) {
+        debug_assert!(mark.len >= self.sent);
+        self.len = mark.len;
+        self.shared.truncate(mark.shared);
+        self.unsent = mark.unsent;
     }
 
+    /// Number of bytes waiting to be written.
+    fn unsent(&self) -> usize {
+        self.unsent
+    }
+
+    /// Fill `iov` with the next unsent slices, in order; returns how many.
+    fn slices<'a>(&'a self, iov: &mut [IoSlice<'a>; MAX_IOV]) -> usize {
+        let mut k = 0;
+        let mut at = self.sent;
+        for (i, (pos, bytes)) in self.shared.iter().enumerate() {
+            if *pos > at {
+                iov[k] = IoSlice::new(&self.buf[at..*pos]);
+                at = *pos;
+                k += 1;
+                if k == MAX_IOV {
+                    return k;
+                }
+            }
+            let skip = if i == 0 { self.shared_sent } else { 0 };
+            iov[k] = IoSlice::new(&bytes[skip..]);
+            k += 1;
+            if k == MAX_IOV {
+                return k;
+            }
+        }
+        if self.len > at {
+            iov[k] = IoSlice::new(&self.buf[at..self.len]);
+            k += 1;
+        }
+        k
+    }
+
+    /// Mark `n` more bytes as written.
     fn advance(&mut self, n: usize) {
+        debug_assert!(n <= self.unsent);
         self.total_sent += n as u64;
-        self.sent += n;
-        if self.sent == self.len {
+        self.unsent -= n;
+        let mut n = n;
+        while n > 0 {
+            let until = self.shared.front().map_or(self.len, |(pos, _)| *pos);
+            if until > self.sent {
+                let k = n.min(until - self.sent);
+                self.sent += k;
+                n -= k;
+                continue;
+            }
+            let Some((_, front)) = self.shared.front() else {
+                break;
+            };
+            let k = n.min(front.len() - self.shared_sent);
+            self.shared_sent += k;
+            n -= k;
+            if self.shared_sent == front.len() {
+                self.shared.pop_front();
+                self.shared_sent = 0;
+            }
+        }
+        if self.unsent == 0 {
             self.sent = 0;
             self.len = 0;
+            self.shared.clear();
+            self.shared_sent = 0;
             if self.buf.len() > OUTBUF_KEEP {
                 self.buf = Vec::new();
             }
         }
     }
 
+    /// Write once (vectored when there are shared pieces); `Ok(0)` only when nothing was
+    /// waiting. Cancel safe.
+    async fn write_some<W: AsyncWrite + Unpin>(&mut self, wr: &mut W) -> io::Result<usize> {
+        let n = if self.shared.is_empty() {
+            wr.write(&self.buf[self.sent..self.len]).await?
+        } else {
+            let mut iov = [IoSlice::new(&[]); MAX_IOV];
+            let k = self.slices(&mut iov);
+            wr.write_vectored(&iov[..k]).await?
+        };
+        if n == 0 && self.unsent > 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        self.advance(n);
+        Ok(n)
+    }
+
+    /// Write what the socket takes right now, without waiting.
+    fn write_now<W: AsyncWrite + Unpin>(&mut self, wr: &mut W) -> io::Result<()> {
+        if self.unsent == 0 {
+            return Ok(());
+        }
+        match self.write_some(wr).now_or_never() {
+            Some(r) => r.map(drop),
+            None => Ok(()),
+        }
+    }
+
     async fn flush<W: AsyncWrite + Unpin>(&mut self, wr: &mut W) -> io::Result<()> {
-        while !self.unsent().is_empty() {
-            let n = wr.write(self.unsent()).await?;
-            if n == 0 {
-                return Err(io::ErrorKind::WriteZero.into());
-            }
-            self.advance(n);
+        while self.unsent > 0 {
+            self.write_some(wr).await?;
         }
         wr.flush().await
     }
@@ -519,6 +642,27 @@ struct Transmission<R, W> {
     disconnecting: bool,
     /// See [`serve`].
     spin: Option<(RawFd, Duration)>,
+    /// The current spin duration, adapted between zero and the configured one.
+    spin_cur: Duration,
+    /// Scratch space for [`BlockDevice::try_read_mapped`].
+    mapped: Vec<MappedPiece>,
+}
+
+/// Append the bytes of `piece` to `out`: long data shared, short data copied, zeros.
+fn put_piece(out: &mut OutBuf, piece: &MappedPiece) {
+    match piece {
+        MappedPiece::Data(b) if b.len() >= SHARE_MIN => out.put_shared(b.clone()),
+        MappedPiece::Data(b) => out.put(b),
+        MappedPiece::Zero(n) if *n >= SHARE_MIN => {
+            let mut left = *n;
+            while left > 0 {
+                let k = left.min(ZEROS.len());
+                out.put_shared(Bytes::from_static(&ZEROS[..k]));
+                left -= k;
+            }
+        }
+        MappedPiece::Zero(n) => out.grab(*n).fill(0),
+    }
 }
 
 fn wire_errno(err: &io::Error) -> u32 {
@@ -553,6 +697,8 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Transmission<R, W> {
             pool: Vec::new(),
             disconnecting: false,
             spin: None,
+            spin_cur: Duration::ZERO,
+            mapped: Vec::new(),
         }
     }
 
@@ -560,7 +706,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Transmission<R, W> {
         !self.disconnecting
             && self.pending.len() < MAX_INFLIGHT
             && self.pending_bytes < MAX_INFLIGHT_BYTES
-            && self.conn.out.unsent().len() < MAX_UNSENT
+            && self.conn.out.unsent() < MAX_UNSENT
     }
 
     async fn run(mut self, stop: impl Future<Output = ()>) -> Result<(), NbdError> {
@@ -571,14 +717,8 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Transmission<R, W> {
             // Handle buffered requests, writing replies out as soon as a good amount is
             // ready, so the client receives while the next replies are being read.
             while self.handle_buffered()? {
-                let unsent = self.conn.out.unsent();
-                match self.conn.wr.write(unsent).now_or_never() {
-                    Some(Ok(0)) => return Err(NbdError::Io(io::ErrorKind::WriteZero.into())),
-                    Some(Ok(n)) => self.conn.out.advance(n),
-                    Some(Err(e)) => return Err(e.into()),
-                    None => {}
-                }
-                if self.conn.out.unsent().len() >= SOFT_UNSENT {
+                self.conn.out.write_now(&mut self.conn.wr)?;
+                if self.conn.out.unsent() >= SOFT_UNSENT {
                     // The socket is full: wait for it below.
                     break;
                 }
@@ -590,43 +730,78 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Transmission<R, W> {
                 return Ok(());
             }
             let can_read = !eof && self.may_take_more() && self.conn.inbuf.has_room();
-            let want_write = !self.conn.out.unsent().is_empty();
-            if can_read && !want_write && idle {
+            let want_write = self.conn.out.unsent() > 0;
+            // When this connection went to sleep after a spin that found nothing.
+            let mut slept_at = None;
+            if can_read && !want_write && idle && self.spin.is_some() {
                 // Spin only after small batches (small-request ping-pong); after large
                 // replies the client is busy copying and the CPU is better left to it.
                 let batch = self.conn.out.total_sent - spun_at;
                 spun_at = self.conn.out.total_sent;
-                if batch <= SPIN_MAX_BATCH && self.spin_for_input()? {
-                    continue;
+                if batch <= SPIN_MAX_BATCH {
+                    if self.spin_for_input()? {
+                        continue;
+                    }
+                    slept_at = Some(std::time::Instant::now());
                 }
             }
             tokio::select! {
                 biased;
                 _ = &mut stop => return Ok(()),
                 Some(done) = self.pending.next(), if !idle => self.complete(done),
-                r = self.conn.wr.write(&self.conn.out.buf[self.conn.out.sent..self.conn.out.len]),
-                    if want_write => {
-                    let n = r?;
-                    if n == 0 {
-                        return Err(NbdError::Io(io::ErrorKind::WriteZero.into()));
-                    }
-                    self.conn.out.advance(n);
+                r = self.conn.out.write_some(&mut self.conn.wr), if want_write => {
+                    r?;
                 }
                 r = self.conn.inbuf.fill(&mut self.conn.rd), if can_read => {
                     if r? == 0 {
                         eof = true;
+                    } else if let Some(t) = slept_at {
+                        self.spin_woken_after(t.elapsed());
                     }
                 }
             }
         }
     }
 
-    /// Poll the socket for new requests for up to the spin duration; `true` if something
-    /// was read.
+    /// Adapt the spin duration after a sleep of `slept` ended with new requests: had the
+    /// configured spin covered it, spinning is worth it again.
+    fn spin_woken_after(&mut self, slept: Duration) {
+        let Some((_, max)) = self.spin else {
+            return;
+        };
+        if slept < max {
+            self.spin_cur = (self.spin_cur * 2).clamp(max / 4, max);
+        }
+    }
+
+    /// Poll the socket for new requests for up to the current spin duration; `true` if
+    /// something was read.
+    ///
+    /// The duration adapts (as KVM's halt polling does), so that a client which pauses
+    /// between requests costs little CPU: a spin that finds nothing halves it, down to zero
+    /// below an eighth of the configured duration; a spin that finds requests doubles it,
+    /// and so does a sleep that ended sooner than the configured duration (see
+    /// [`Transmission::spin_woken_after`]), from at least a quarter of it.
     fn spin_for_input(&mut self) -> Result<bool, NbdError> {
-        let Some((fd, spin)) = self.spin else {
+        let Some((fd, max)) = self.spin else {
             return Ok(false);
         };
+        let spin = self.spin_cur;
+        if spin.is_zero() {
+            return Ok(false);
+        }
+        let found = self.spin_recv(fd, spin)?;
+        self.spin_cur = if found {
+            (spin * 2).min(max)
+        } else if spin / 2 < max / 8 {
+            Duration::ZERO
+        } else {
+            spin / 2
+        };
+        Ok(found)
+    }
+
+    fn spin_recv(&mut self, fd: RawFd, spin: Duration) -> Result<bool, NbdError> {
         let inb = &mut self.conn.inbuf;
         if inb.buf.len() - inb.end < 64 * 1024 && inb.start > 0 {
             inb.compact();
@@ -662,7 +837,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Transmission<R, W> {
     /// requests may be buffered.
     fn handle_buffered(&mut self) -> Result<bool, NbdError> {
         while self.may_take_more() {
-            if self.conn.out.unsent().len() >= SOFT_UNSENT {
+            if self.conn.out.unsent() >= SOFT_UNSENT {
                 return Ok(true);
             }
             let data = self.conn.inbuf.data();
@@ -835,10 +1010,79 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Transmission<R, W> {
     }
 
     fn read(&mut self, req: Request) {
+        // Short reads copy with `try_read_nowait` (a `pread`): for a random 4 KiB read the
+        // kernel's copy from the page cache measured faster than a copy out of a mapping
+        // (TLB misses on the user mapping; see docs/benchmarks.md).
+        if req.len as usize >= SHARE_MIN && self.read_mapped(&req) {
+            return;
+        }
         match self.read_segments(&req) {
             None => self.read_whole(req),
             Some(segs) => self.read_pieces(req, segs),
         }
+    }
+
+    /// Answer a READ from [`BlockDevice::try_read_mapped`] pieces, if the device can: long
+    /// data pieces go out without a copy, holes become hole chunks (structured replies
+    /// without DF) or zeros. `false`: the device cannot, nothing was done.
+    fn read_mapped(&mut self, req: &Request) -> bool {
+        let mut pieces = std::mem::take(&mut self.mapped);
+        pieces.clear();
+        let len = req.len as usize;
+        let res = self.dev.try_read_mapped(req.offset, len, &mut pieces);
+        let handled = match res {
+            None => false,
+            Some(Err(e)) => {
+                self.reply_error(req, wire_errno(&e));
+                true
+            }
+            Some(Ok(())) if pieces.iter().map(MappedPiece::len).sum::<usize>() != len => {
+                // A device bug; the copying path is still right.
+                debug_assert!(false, "try_read_mapped covered the wrong length");
+                false
+            }
+            Some(Ok(())) => {
+                let out = &mut self.conn.out;
+                if !self.neg.structured {
+                    proto::encode_simple_reply(out, 0, req.cookie);
+                    pieces.iter().for_each(|p| put_piece(out, p));
+                } else if req.flags & proto::CMD_FLAG_DF != 0 {
+                    proto::encode_offset_data_header(out, true, req.cookie, req.offset, req.len);
+                    pieces.iter().for_each(|p| put_piece(out, p));
+                } else {
+                    // One chunk per run of data or hole pieces.
+                    let mut at = req.offset;
+                    let mut i = 0;
+                    while i < pieces.len() {
+                        let hole = matches!(pieces[i], MappedPiece::Zero(_));
+                        let run = pieces[i..]
+                            .iter()
+                            .take_while(|p| matches!(p, MappedPiece::Zero(_)) == hole)
+                            .count();
+                        let bytes: usize = pieces[i..i + run].iter().map(MappedPiece::len).sum();
+                        let done = i + run == pieces.len();
+                        if hole {
+                            proto::encode_offset_hole(out, done, req.cookie, at, bytes as u32);
+                        } else {
+                            proto::encode_offset_data_header(
+                                out,
+                                done,
+                                req.cookie,
+                                at,
+                                bytes as u32,
+                            );
+                            pieces[i..i + run].iter().for_each(|p| put_piece(out, p));
+                        }
+                        at += bytes as u64;
+                        i += run;
+                    }
+                }
+                true
+            }
+        };
+        pieces.clear();
+        self.mapped = pieces;
+        handled
     }
 
     /// A READ answered by one reply (simple, or one data chunk): all inline or all queued.
@@ -897,7 +1141,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Transmission<R, W> {
                     return;
                 }
             }
-            if !done && self.conn.out.unsent().len() >= SOFT_UNSENT {
+            if !done && self.conn.out.unsent() >= SOFT_UNSENT {
                 self.try_write_now();
             }
         }
@@ -906,9 +1150,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Transmission<R, W> {
     /// Write what the socket takes right now, without waiting. Errors show up again on the
     /// next write, in the main loop.
     fn try_write_now(&mut self) {
-        if let Some(Ok(n)) = self.conn.wr.write(self.conn.out.unsent()).now_or_never() {
-            self.conn.out.advance(n);
-        }
+        let _ = self.conn.out.write_now(&mut self.conn.wr);
     }
 
     /// Queue an async read of `segs` (contiguous, the rest of `req`).
