@@ -149,7 +149,7 @@ impl Daemon {
                     let overlay = dev.overlay().clone();
                     if !overlay.list_snapshots().iter().any(|s| &s.name == snap) {
                         return Err(DaemonError::NotFound(format!(
-                            "volume {:?} has no snapshot {snap:?} (see `imgcache volume snapshot list {}`)",
+                            "volume {:?} has no snapshot {snap:?} (see `imgcache volume snapshots {}`)",
                             row.name, row.name
                         )));
                     }
