@@ -118,6 +118,9 @@ enum ImageCommand {
     /// Import a raw disk file, or register an image in a store (--store --manifest) or at a
     /// URL (--url) without copying it
     Add(AddArgs),
+    /// Make a new image from a volume or one of its snapshots (chunks the volume did not
+    /// change are shared with the base image, only changed ones are stored)
+    Create(CreateArgs),
     /// Upload a local image's chunks and manifest to a store (chunks already there are skipped)
     Push {
         /// Image name or id
@@ -260,6 +263,31 @@ struct AddArgs {
     #[arg(long = "tag", value_name = "TAG", value_parser = parse_tag)]
     tags: Vec<String>,
     /// Set a property (repeatable)
+    #[arg(long = "property", value_name = "KEY=VALUE", value_parser = parse_property)]
+    properties: Vec<(String, String)>,
+}
+
+#[derive(Debug, Args)]
+struct CreateArgs {
+    /// Name of the new image
+    #[arg(value_parser = parse_name)]
+    name: String,
+    /// The volume to copy, VOLUME or VOLUME@SNAPSHOT
+    #[arg(long, value_name = "VOL[@SNAP]")]
+    from_volume: String,
+    /// Chunk size, a power of two from 64K to 16M [default: the base image's]
+    #[arg(long, value_name = "SIZE", value_parser = parse_chunk_size)]
+    chunk_size: Option<u32>,
+    /// Attributes not given are copied from the volume's base image
+    #[command(flatten)]
+    attrs: AttrArgs,
+    /// Protect the image from deletion
+    #[arg(long)]
+    protected: bool,
+    /// Set the tags (repeatable; default: the base image's)
+    #[arg(long = "tag", value_name = "TAG", value_parser = parse_tag)]
+    tags: Vec<String>,
+    /// Set the properties (repeatable; default: the base image's)
     #[arg(long = "property", value_name = "KEY=VALUE", value_parser = parse_property)]
     properties: Vec<(String, String)>,
 }
@@ -414,6 +442,7 @@ fn control_socket(socket: Option<PathBuf>, state_dir: Option<PathBuf>) -> anyhow
 async fn image_command(client: Client, cmd: ImageCommand) -> anyhow::Result<()> {
     match cmd {
         ImageCommand::Add(args) => add(&client, args).await,
+        ImageCommand::Create(args) => create_from_volume(&client, args).await,
         ImageCommand::List { all, json } => {
             let rows = client.list_images(all).await?;
             if json {
@@ -540,6 +569,7 @@ async fn add(client: &Client, args: AddArgs) -> anyhow::Result<()> {
         store: args.store,
         manifest: args.manifest,
         url: args.url,
+        volume: None,
         chunk_size: args.chunk_size.map(u64::from),
         checksum: args.checksum,
         attributes,
@@ -560,6 +590,49 @@ async fn add(client: &Client, args: AddArgs) -> anyhow::Result<()> {
     if row.store != "local" || row.manifest_key.is_empty() {
         out += &format!("store:  {} (read lazily through the cache)\n", row.store);
     }
+    print_out(&out)
+}
+
+async fn create_from_volume(client: &Client, args: CreateArgs) -> anyhow::Result<()> {
+    let mut attributes = attributes(args.attrs);
+    if args.protected {
+        attributes.protected = Some(true);
+    }
+    if !args.tags.is_empty() {
+        attributes.tags = Some(args.tags.into_iter().collect());
+    }
+    if !args.properties.is_empty() {
+        attributes.properties = Some(args.properties.into_iter().collect());
+    }
+    let req = AddImageRequest {
+        name: args.name,
+        file: None,
+        store: None,
+        manifest: None,
+        url: None,
+        volume: Some(args.from_volume),
+        chunk_size: args.chunk_size.map(u64::from),
+        checksum: None,
+        attributes,
+    };
+    let mut bar = ProgressDisplay::new(std::io::stderr().is_terminal());
+    let result = client.image_from_volume(&req, |p| bar.update(p)).await;
+    bar.finish(result.is_ok());
+    let r = result?;
+    let row = &r.image;
+    let mut out = format!("created image {} from volume {}\n", row.name, r.source);
+    out += &format!("id:     {}\n", row.id);
+    out += &format!(
+        "size:   {} ({} bytes)\n",
+        format_size(row.virtual_size),
+        row.virtual_size
+    );
+    out += &format!(
+        "chunks: {} ({} new, {} shared, {} holes)\n",
+        r.chunks_total, r.chunks_new, r.chunks_shared, r.chunks_hole
+    );
+    out += &format!("md5:    {}\n", row.md5.as_deref().unwrap_or("-"));
+    out += &format!("sha256: {}\n", row.sha256.as_deref().unwrap_or("-"));
     print_out(&out)
 }
 

@@ -17,7 +17,8 @@ use tokio::net::UnixStream;
 
 use super::types::{
     kind_from_name, AddEvent, AddImageRequest, AddProgress, CacheView, ErrorBody, Health,
-    NdjsonDecoder, NdjsonError, PushReport, PushRequest, StoreInfo, WarmRequest,
+    ImageFromVolumeReport, NdjsonDecoder, NdjsonError, PushReport, PushRequest, StoreInfo,
+    WarmRequest,
 };
 use crate::cache::WarmReport;
 use crate::catalog::{ImagePatch, ImageRecord, Lifecycle};
@@ -146,6 +147,21 @@ impl Client {
             .await?
         {
             AddEvent::Image(row) => Ok(*row),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Make an image from a volume or snapshot (`req.volume`); returns the report.
+    pub async fn image_from_volume(
+        &self,
+        req: &AddImageRequest,
+        on_progress: impl FnMut(AddProgress),
+    ) -> Result<ImageFromVolumeReport, ClientError> {
+        match self
+            .stream(Method::POST, "/v1/images", Some(req), on_progress)
+            .await?
+        {
+            AddEvent::FromVolume(report) => Ok(*report),
             other => Err(unexpected(&other)),
         }
     }

@@ -28,6 +28,7 @@ use super::types::{
     PushRequest, StoreInfo, WarmRequest, MAX_BODY_BYTES,
 };
 use crate::catalog::{ImagePatch, ImageRecord, Lifecycle};
+use crate::daemon::from_volume::ImageFromVolume;
 use crate::daemon::lazy::RegisterFrom;
 use crate::daemon::{AddImage, Daemon, DaemonError};
 use crate::error::chain as error_chain;
@@ -236,6 +237,34 @@ async fn add_image(
     body: Result<Json<AddImageRequest>, JsonRejection>,
 ) -> Result<Response, Failure> {
     let Json(req) = body?;
+    if let Some(volume) = req.volume {
+        if req.file.is_some() || req.store.is_some() || req.manifest.is_some() || req.url.is_some()
+        {
+            return Err(Failure::new(
+                ErrorKind::InvalidInput,
+                "a volume cannot be combined with a file, store, manifest or URL",
+            ));
+        }
+        if req.checksum.is_some() {
+            return Err(Failure::new(
+                ErrorKind::InvalidInput,
+                "a checksum cannot be given for an image from a volume (it is computed)",
+            ));
+        }
+        let cancel = Arc::new(AtomicBool::new(false));
+        let create = ImageFromVolume {
+            name: req.name,
+            volume,
+            chunk_size: req.chunk_size,
+            attributes: req.attributes,
+        };
+        let c = cancel.clone();
+        return Ok(progress_stream(cancel, move |progress| async move {
+            d.image_from_volume(create, progress, c)
+                .await
+                .map(|r| AddEvent::FromVolume(Box::new(r)))
+        }));
+    }
     let from = match (req.store, req.manifest, req.url) {
         (None, None, None) => None,
         (Some(store), Some(key), None) => Some(RegisterFrom::Manifest { store, key }),

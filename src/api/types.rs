@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cache::WarmReport;
 use crate::catalog::{ImageAttributes, ImageRecord};
+pub use crate::daemon::from_volume::ImageFromVolumeReport;
 pub use crate::daemon::lazy::{
     CacheView, ImageCacheRow, PushReport, PushRequest, StoreInfo, WarmRequest,
 };
@@ -21,7 +22,8 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 pub const MAX_LINE_BYTES: usize = 4 * 1024 * 1024;
 
 /// `POST /v1/images`: exactly one of `file` (import), `store` + `manifest` (register a
-/// native image in a store) or `url` (register a raw object).
+/// native image in a store), `url` (register a raw object) or `volume` (an image from a
+/// volume or snapshot).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AddImageRequest {
@@ -38,7 +40,11 @@ pub struct AddImageRequest {
     /// `http(s)://…` or `s3://bucket/key` of a raw image object.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
-    /// Bytes; the daemon's default when absent.
+    /// `VOLUME` or `VOLUME@SNAPSHOT`: a new local image with that content (chunks shared
+    /// with the base image where the volume did not change them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<String>,
+    /// Bytes; the daemon's default when absent (the base image's for `volume`).
     #[serde(default)]
     pub chunk_size: Option<u64>,
     /// `md5:HEX` or `sha256:HEX`.
@@ -84,6 +90,8 @@ pub enum AddEvent {
     Progress(AddProgress),
     /// Final line of an add: the committed image.
     Image(Box<ImageRecord>),
+    /// Final line of an image made from a volume.
+    FromVolume(Box<ImageFromVolumeReport>),
     /// Final line of a warm.
     Warm(WarmReport),
     /// Final line of a push.

@@ -36,6 +36,7 @@ use crate::store::spec::open_store;
 use crate::store::Store;
 use crate::types::{format_size, ImageId};
 
+pub mod from_volume;
 pub mod lazy;
 pub mod lock;
 pub mod serve;
@@ -459,6 +460,16 @@ impl Daemon {
             opts,
         )
         .await?;
+        self.commit_import(id, &imported, guard).await
+    }
+
+    /// Commit a finished import to its `importing` row; on failure delete what it wrote.
+    async fn commit_import(
+        &self,
+        id: ImageId,
+        imported: &crate::image::Imported,
+        guard: crate::image::LedgerGuard,
+    ) -> Result<ImageRecord, DaemonError> {
         let facts = FinishImport {
             virtual_size: imported.virtual_size,
             stored_size: imported.stored_size,

@@ -52,7 +52,7 @@ pub struct VolumeSet {
     dir: OnceLock<PathBuf>,
     open: Mutex<HashMap<VolumeId, Arc<OpenVolume>>>,
     /// Serialises management operations (create, delete, resize, snapshot, revert).
-    admin: tokio::sync::Mutex<()>,
+    pub(super) admin: tokio::sync::Mutex<()>,
 }
 
 /// How a volume is made.
@@ -130,7 +130,7 @@ impl VolumeSet {
             .ok_or_else(|| DaemonError::Internal("the daemon has no volume directory".into()))
     }
 
-    fn overlay_dir(&self, id: VolumeId) -> Result<PathBuf, DaemonError> {
+    pub(super) fn overlay_dir(&self, id: VolumeId) -> Result<PathBuf, DaemonError> {
         Ok(self.dir()?.join(id.to_string()))
     }
 
@@ -306,6 +306,16 @@ impl Daemon {
         }
         tracing::info!(volume = %record.name, id = %record.id, image = %record.image_name, size = record.size, "volume created");
         self.volume_info(record).await
+    }
+
+    /// The device new connections of volume `row` get (opening the volume if needed).
+    pub(super) async fn volume_device(
+        &self,
+        row: &VolumeRecord,
+    ) -> Result<Arc<VolumeDevice>, DaemonError> {
+        let open = self.open_volume(row).await?;
+        let dev = open.device.lock().clone();
+        Ok(dev)
     }
 
     /// Every volume, sorted by name.

@@ -14,6 +14,8 @@
 //! chunk writes running at once. The manifest is written last, after the whole-file
 //! checksum was verified: a manifest in the store always describes a complete import.
 //!
+//! [`import_device`] runs the same pipeline over any [`BlockDevice`] (images from volumes).
+//!
 //! Empty files are rejected ([`ImageError::EmptyFile`]): a zero-byte disk is never what the
 //! user meant and NBD clients handle it badly.
 
@@ -21,7 +23,7 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::fs::FileTypeExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
@@ -35,6 +37,7 @@ use super::{
     chunk_key, manifest_key, Checksum, ChunkLedger, ImageError, ImportOptions, Imported,
     IsReferenced,
 };
+use crate::device::BlockDevice;
 use crate::store::{Store, StoreError};
 use crate::types::{Digest, ImageId};
 
@@ -61,6 +64,55 @@ pub async fn import_file(
     path: &Path,
     opts: ImportOptions,
 ) -> Result<(Imported, LedgerGuard), ImageError> {
+    let p = path.to_path_buf();
+    let (file, size) = join(tokio::task::spawn_blocking(move || open_source(&p))).await??;
+    let source = FileSource {
+        file,
+        path: path.to_path_buf(),
+        size,
+    };
+    import_source(store, ledger, is_referenced, id, source, size, opts).await
+}
+
+/// Import the whole content of `device` (a volume, a snapshot view, an image) into `store`
+/// as image `id`; `what` names it in errors. Same contract as [`import_file`]: chunks the
+/// store already holds (e.g. the unchanged chunks of a volume's base image) are not
+/// written again, so [`Imported::chunks_new`] counts only the changed ones.
+///
+/// The device is read once, front to back; writes racing with the import may or may not
+/// be seen (snapshot the volume first for a point-in-time copy).
+pub async fn import_device(
+    store: Arc<dyn Store>,
+    ledger: Arc<ChunkLedger>,
+    is_referenced: IsReferenced,
+    id: ImageId,
+    device: Arc<dyn BlockDevice>,
+    what: String,
+    opts: ImportOptions,
+) -> Result<(Imported, LedgerGuard), ImageError> {
+    let size = device.size();
+    if size == 0 {
+        return Err(ImageError::EmptyFile {
+            path: PathBuf::from(what),
+        });
+    }
+    let source = DeviceSource {
+        device,
+        what,
+        rt: tokio::runtime::Handle::current(),
+    };
+    import_source(store, ledger, is_referenced, id, source, size, opts).await
+}
+
+async fn import_source(
+    store: Arc<dyn Store>,
+    ledger: Arc<ChunkLedger>,
+    is_referenced: IsReferenced,
+    id: ImageId,
+    source: impl Source,
+    size: u64,
+    opts: ImportOptions,
+) -> Result<(Imported, LedgerGuard), ImageError> {
     if !valid_chunk_size(opts.chunk_size) {
         return Err(ImageError::InvalidChunkSize {
             chunk_size: opts.chunk_size,
@@ -78,7 +130,7 @@ pub async fn import_file(
         is_referenced: Arc::clone(&is_referenced),
     };
     let result = match armed.state.as_mut() {
-        Some(state) => run(state, path, &opts).await,
+        Some(state) => run(state, source, size, &opts).await,
         None => unreachable!("state is set above"),
     };
     let Some(mut state) = armed.state.take() else {
@@ -194,11 +246,10 @@ struct Hashed {
 
 async fn run(
     state: &mut ImportState,
-    path: &Path,
+    source: impl Source,
+    size: u64,
     opts: &ImportOptions,
 ) -> Result<Imported, ImageError> {
-    let p = path.to_path_buf();
-    let (file, size) = join(tokio::task::spawn_blocking(move || open_source(&p))).await??;
     let chunk_size = opts.chunk_size;
 
     let (md5_tx, md5_rx) = sync_channel::<Piece>(STAGE_DEPTH);
@@ -208,9 +259,8 @@ async fn run(
 
     let reader = {
         let cancel = Arc::clone(&opts.cancel);
-        let p = path.to_path_buf();
         tokio::task::spawn_blocking(move || {
-            read_chunks(file, &p, size, chunk_size, &cancel, [md5_tx, sha_tx, b3_tx])
+            read_chunks(source, size, chunk_size, &cancel, [md5_tx, sha_tx, b3_tx])
         })
     };
     let md5_task = tokio::task::spawn_blocking(move || hash_all(md5_rx, md5::Md5::new()));
@@ -378,25 +428,93 @@ fn open_source(path: &Path) -> Result<(File, u64), ImageError> {
     Ok((file, size))
 }
 
+/// Where an import's bytes come from. Used from one blocking thread, front to back.
+trait Source: Send + 'static {
+    /// Before the first read.
+    fn start(&mut self) {}
+    /// Fill `buf` with the bytes at `offset` (offsets only grow, by `buf.len()`).
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), ImageError>;
+    /// After the last chunk at `size`: check nothing follows.
+    fn finish(&mut self, size: u64) -> Result<(), ImageError>;
+}
+
+/// A regular file or block device, read sequentially.
+struct FileSource {
+    file: File,
+    path: PathBuf,
+    size: u64,
+}
+
+impl Source for FileSource {
+    fn start(&mut self) {
+        advise_sequential(&self.file);
+    }
+
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), ImageError> {
+        let got = read_full(&mut self.file, buf).map_err(|source| ImageError::Read {
+            path: self.path.clone(),
+            source,
+        })?;
+        if got < buf.len() {
+            return Err(ImageError::FileChanged {
+                path: self.path.clone(),
+                expected: self.size,
+                actual: offset + got as u64,
+            });
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, size: u64) -> Result<(), ImageError> {
+        let mut probe = [0u8; 1];
+        let n = read_full(&mut self.file, &mut probe).map_err(|source| ImageError::Read {
+            path: self.path.clone(),
+            source,
+        })?;
+        if n != 0 {
+            return Err(ImageError::FileChanged {
+                path: self.path.clone(),
+                expected: size,
+                actual: size + 1,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A block device (its size is fixed for the handle's lifetime).
+struct DeviceSource {
+    device: Arc<dyn BlockDevice>,
+    what: String,
+    rt: tokio::runtime::Handle,
+}
+
+impl Source for DeviceSource {
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), ImageError> {
+        let r = match self.device.try_read_nowait(offset, buf) {
+            Some(r) => r,
+            None => self.rt.block_on(self.device.read(offset, buf)),
+        };
+        r.map_err(|source| ImageError::DeviceRead {
+            what: self.what.clone(),
+            source,
+        })
+    }
+
+    fn finish(&mut self, _size: u64) -> Result<(), ImageError> {
+        Ok(())
+    }
+}
+
 /// The reader stage: read `size` bytes in `chunk_size` pieces and fan each out.
 fn read_chunks(
-    mut file: File,
-    path: &Path,
+    mut source: impl Source,
     size: u64,
     chunk_size: u32,
     cancel: &AtomicBool,
     outs: [SyncSender<Piece>; 3],
 ) -> Result<(), ImageError> {
-    let read_err = |source| ImageError::Read {
-        path: path.to_path_buf(),
-        source,
-    };
-    let changed = |actual| ImageError::FileChanged {
-        path: path.to_path_buf(),
-        expected: size,
-        actual,
-    };
-    advise_sequential(&file);
+    source.start();
     let mut offset = 0u64;
     while offset < size {
         if cancel.load(Ordering::Relaxed) {
@@ -404,10 +522,7 @@ fn read_chunks(
         }
         let len = (size - offset).min(u64::from(chunk_size)) as usize;
         let mut buf = vec![0u8; len];
-        let got = read_full(&mut file, &mut buf).map_err(read_err)?;
-        if got < len {
-            return Err(changed(offset + got as u64));
-        }
+        source.read_at(offset, &mut buf)?;
         offset += len as u64;
         let data = Bytes::from(buf);
         for out in &outs {
@@ -417,11 +532,7 @@ fn read_chunks(
             }
         }
     }
-    let mut probe = [0u8; 1];
-    if read_full(&mut file, &mut probe).map_err(read_err)? != 0 {
-        return Err(changed(size + 1));
-    }
-    Ok(())
+    source.finish(size)
 }
 
 fn advise_sequential(file: &File) {

@@ -28,7 +28,7 @@ pub mod remote;
 
 pub use crate::sys::raise_fd_limit;
 pub use gc::{delete_unreferenced, sweep_orphans};
-pub use import::import_file;
+pub use import::{import_device, import_file};
 pub use ledger::{ChunkLedger, LedgerGuard};
 pub use manifest::{Manifest, ManifestError};
 pub use read::{FdCache, Image};
@@ -45,6 +45,12 @@ pub enum ImageError {
     #[error("cannot read {path:?}")]
     Read {
         path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot read {what}")]
+    DeviceRead {
+        what: String,
         #[source]
         source: std::io::Error,
     },
@@ -77,7 +83,9 @@ impl Classify for ImageError {
             | ImageError::NotAFile { .. }
             | ImageError::EmptyFile { .. }
             | ImageError::ChecksumMismatch { .. } => ErrorKind::InvalidInput,
-            ImageError::Read { source, .. } => ErrorKind::of_io(source),
+            ImageError::Read { source, .. } | ImageError::DeviceRead { source, .. } => {
+                ErrorKind::of_io(source)
+            }
             ImageError::FileChanged { .. } | ImageError::Cancelled => ErrorKind::Conflict,
             ImageError::Store(e) => e.kind(),
             ImageError::Manifest { .. } => ErrorKind::Corrupt,
