@@ -1,10 +1,11 @@
 //! End to end: the FUSE export read and written by real tools (cmp, dd, fio, qemu-img,
 //! fallocate) on a real mount.
 //!
-//! Two set-ups: the daemon (`imgcache serve`, mounting on `STATE/mnt`) for images, and the
-//! library's `FuseExport` mounted in this process over a test registry whose volume is a real
-//! copy-on-write `OverlayVolume`, served by the NBD server too, for writes. (Daemon volumes
-//! come with the volumes issue; the same tests then apply to `volumes/NAME` of the daemon.)
+//! Two set-ups: the daemon (`imgcache serve`, mounting on `STATE/mnt`) for images and for
+//! volumes made with `imgcache volume create` (`MOUNT/volumes/NAME`: fio verify, FUSE vs NBD,
+//! fsync durability across SIGKILL, punch hole, one writer, a VM booting from the file), and
+//! the library's `FuseExport` mounted in this process over a test registry whose volume is a
+//! real copy-on-write `OverlayVolume`, served by the NBD server too, for writes.
 //!
 //! Needs /dev/fuse and root (the mount is made with mount(2)); without them every test here
 //! prints a loud SKIPPED line and passes.
@@ -624,4 +625,211 @@ fn volume_removed_from_registry_disappears() {
     assert!(m.file().exists());
     m.registry.0.lock().clear();
     wait_exists(&m.file(), false);
+}
+
+// ---- daemon volumes: `MOUNT/volumes/NAME` of a volume made with the CLI ------------------
+
+/// A daemon with image `base` (random bytes of `size`, one zero MiB at 1 MiB) and volume
+/// `vol` of it. Returns the daemon, the image's bytes and the volume's FUSE file.
+fn daemon_volume(size: u64) -> (Daemon, Vec<u8>, PathBuf) {
+    let d = Daemon::start();
+    let src = d.dir.path().join("base.raw");
+    write_image(&src, size, &[(MIB, MIB)], 31);
+    add(&d, "base", &src);
+    d.cli_ok(&["volume", "create", "vol", "--image", "base"]);
+    let file = d.mnt().join("volumes/vol");
+    wait_exists(&file, true);
+    let bytes = std::fs::read(&src).unwrap();
+    (d, bytes, file)
+}
+
+fn open_rw(path: &Path) -> std::fs::File {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {} read-write: {e}", path.display()))
+}
+
+fn qemu_img_compare(a: &str, b: &str) {
+    run_ok(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw", a, b]));
+}
+
+#[test]
+fn fio_verifies_daemon_volume_file_with_libaio_direct() {
+    if !fuse_usable() {
+        return;
+    }
+    require(&["fio"]);
+    let (d, base, file) = daemon_volume(32 * MIB);
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), 32 * MIB);
+    assert_eq!(std::fs::read(&file).unwrap(), base);
+    for args in [
+        &["--rw=randwrite", "--bs=4k", "--iodepth=32"][..],
+        &["--rw=write", "--bs=1M", "--iodepth=8"][..],
+        &["--rw=randrw", "--bs=64k", "--iodepth=4"][..],
+    ] {
+        run_ok(
+            Command::new("fio")
+                .args([
+                    "--name=verify",
+                    &format!("--filename={}", file.display()),
+                    "--size=32M",
+                    "--ioengine=libaio",
+                    "--direct=1",
+                    "--verify=crc32c",
+                    "--do_verify=1",
+                    "--verify_fatal=1",
+                ])
+                .args(args),
+        );
+    }
+    drop(d);
+}
+
+#[test]
+fn daemon_volume_fuse_file_and_nbd_export_see_each_others_writes() {
+    if !fuse_usable() {
+        return;
+    }
+    require(&["qemu-img", "qemu-io", "fio"]);
+    let (d, _base, file) = daemon_volume(16 * MIB);
+    let uri = d.uri("volumes/vol");
+    // Writes through FUSE, read through NBD.
+    run_ok(Command::new("fio").args([
+        "--name=w",
+        &format!("--filename={}", file.display()),
+        "--size=16M",
+        "--ioengine=libaio",
+        "--direct=1",
+        "--iodepth=8",
+        "--rw=randwrite",
+        "--bs=16k",
+        "--io_size=4M",
+    ]));
+    qemu_img_compare(file.to_str().unwrap(), &uri);
+
+    // Writes through NBD, read through FUSE (the file bypasses the page cache).
+    let reader = std::fs::File::open(&file).unwrap();
+    run_ok(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x5a 3M 192k",
+        "-c",
+        "write -z 8M 64k",
+        &uri,
+    ]));
+    let mut got = vec![0u8; 192 << 10];
+    reader.read_exact_at(&mut got, 3 * MIB).unwrap();
+    assert!(got.iter().all(|&b| b == 0x5a), "NBD write not seen");
+    let mut got = vec![1u8; 64 << 10];
+    reader.read_exact_at(&mut got, 8 * MIB).unwrap();
+    assert!(got.iter().all(|&b| b == 0), "NBD zeroing not seen");
+    qemu_img_compare(file.to_str().unwrap(), &uri);
+}
+
+#[test]
+fn fsynced_fuse_writes_survive_sigkill_of_the_daemon() {
+    if !fuse_usable() {
+        return;
+    }
+    require(&["qemu-img"]);
+    let (mut d, base, file) = daemon_volume(8 * MIB);
+    let mut data = vec![0u8; 300_000];
+    Rng::new(41).fill(&mut data);
+    let f = open_rw(&file);
+    f.write_all_at(&data, 12345).unwrap();
+    f.write_all_at(&data[..4096], 7 * MIB).unwrap();
+    f.sync_all().unwrap();
+
+    // No shutdown at all; the file stays open on the dead mount meanwhile, and the new
+    // daemon starts at once (while the kernel still caches the dead mount's attributes).
+    d.kill_and_restart();
+    assert!(
+        d.log().contains("replacing a stale FUSE mount"),
+        "{}",
+        d.log()
+    );
+    drop(f);
+    wait_exists(&file, true);
+
+    let mut want = base.clone();
+    want[12345..12345 + data.len()].copy_from_slice(&data);
+    want[7 * MIB as usize..7 * MIB as usize + 4096].copy_from_slice(&data[..4096]);
+    assert!(std::fs::read(&file).unwrap() == want, "fsynced bytes lost");
+    let out = d.dir.path().join("nbd.raw");
+    run_ok(Command::new("qemu-img").args([
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "raw",
+        &d.uri("volumes/vol"),
+        out.to_str().unwrap(),
+    ]));
+    assert!(std::fs::read(&out).unwrap() == want, "NBD view differs");
+}
+
+#[test]
+fn punch_hole_in_daemon_volume_reads_zeros_not_the_image() {
+    if !fuse_usable() {
+        return;
+    }
+    require(&["fallocate"]);
+    let (d, base, file) = daemon_volume(8 * MIB);
+    // Over image bytes never written, and over bytes written through the volume.
+    let f = open_rw(&file);
+    f.write_all_at(&[0x77u8; 65536], 5 * MIB).unwrap();
+    drop(f);
+    for (off, len) in [("3MiB", "1MiB"), ("5MiB", "64KiB"), ("6MiB", "4KiB")] {
+        run_ok(
+            Command::new("fallocate")
+                .args(["-p", "-o", off, "-l", len])
+                .arg(&file),
+        );
+    }
+    let got = std::fs::read(&file).unwrap();
+    let m = MIB as usize;
+    assert!(got[3 * m..4 * m].iter().all(|&b| b == 0));
+    assert!(got[5 * m..5 * m + 65536].iter().all(|&b| b == 0));
+    assert!(got[6 * m..6 * m + 4096].iter().all(|&b| b == 0));
+    assert_eq!(got[..3 * m], base[..3 * m]);
+    assert_eq!(got[4 * m..5 * m], base[4 * m..5 * m]);
+    assert_eq!(got[6 * m + 4096..], base[6 * m + 4096..]);
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), 8 * MIB);
+    // The image itself is untouched.
+    assert!(std::fs::read(d.mnt().join("images/base")).unwrap() == base);
+}
+
+#[test]
+fn second_writer_of_a_daemon_volume_gets_ebusy() {
+    if !fuse_usable() {
+        return;
+    }
+    let (_d, _base, file) = daemon_volume(MIB);
+    let first = open_rw(&file);
+    assert_eq!(
+        errno_of(OpenOptions::new().write(true).open(&file)),
+        Some(libc::EBUSY)
+    );
+    let reader = std::fs::File::open(&file).unwrap();
+    drop(first);
+    let again = OpenOptions::new().read(true).write(true).open(&file);
+    assert!(again.is_ok(), "{again:?}");
+    drop(reader);
+}
+
+#[test]
+fn vm_boots_from_a_daemon_volume_fuse_file() {
+    if !fuse_usable() {
+        return;
+    }
+    let d = Daemon::start();
+    let mnt = d.mnt();
+    common::vm::boot_twice_and_check_isolation(&d, |volume| {
+        let file = mnt.join("volumes").join(volume);
+        wait_exists(&file, true);
+        format!("file={},format=raw,if=virtio,cache=none", file.display())
+    });
 }

@@ -253,11 +253,29 @@ pub fn prepare_mountpoint(path: &Path) -> Result<(), FuseError> {
         Ok(_) => {}
     }
     if is_mount_point(path).map_err(err)? {
+        // The kernel answers stat of the root from its attribute cache for up to TTL after
+        // the daemon died; a name never looked up before must ask the daemon.
+        if dead_fuse_mount(path) {
+            tracing::info!(mount = %path.display(),
+                "replacing a stale FUSE mount left by a daemon that died");
+            detach(path).map_err(err)?;
+            return prepare_mountpoint(path);
+        }
         return Err(FuseError::InUse {
             path: path.to_path_buf(),
         });
     }
     Ok(())
+}
+
+/// Whether the mount at `path` belongs to a FUSE daemon that died: a lookup of a fresh name
+/// (never cached) fails with `ENOTCONN`.
+fn dead_fuse_mount(path: &Path) -> bool {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let probe = path.join(format!(".imgcache-probe-{}-{nanos}", std::process::id()));
+    std::fs::symlink_metadata(probe).is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN))
 }
 
 /// Whether `path` (a directory) is the root of a mount.

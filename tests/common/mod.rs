@@ -2,6 +2,8 @@
 //! the CLI, real external clients, and image fixtures.
 #![allow(dead_code)]
 
+pub mod vm;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
