@@ -96,6 +96,12 @@ impl WritableDevice for VolumeDevice {
         self.inner.write(offset, data, fua)
     }
 
+    fn write_now(&self, offset: u64, data: &[u8], fua: bool) -> Option<io::Result<()>> {
+        let r = self.inner.write_now(offset, data, fua)?;
+        self.note();
+        Some(r)
+    }
+
     fn flush(&self) -> BoxFuture<'_, io::Result<()>> {
         self.inner.flush()
     }

@@ -131,6 +131,14 @@ pub trait WritableDevice: Send + Sync {
     /// Write `data` at `offset`; with `fua`, durable before returning.
     fn write<'a>(&'a self, offset: u64, data: &'a [u8], fua: bool)
         -> BoxFuture<'a, io::Result<()>>;
+    /// Write `data` at `offset` right now on the calling thread, if this device can do so
+    /// cheaply (local primary storage, no waiting on anything remote), so the caller can
+    /// pass its own buffer without copying it. `None`: nothing was written; use
+    /// [`WritableDevice::write`]. Never starts work that outlives the call.
+    fn write_now(&self, offset: u64, data: &[u8], fua: bool) -> Option<io::Result<()>> {
+        let _ = (offset, data, fua);
+        None
+    }
     /// Make every acknowledged write durable.
     fn flush(&self) -> BoxFuture<'_, io::Result<()>>;
     /// Forget `offset .. offset+len`; afterwards it reads as zeros.

@@ -204,6 +204,18 @@ impl BlockDevice for OverlayVolume {
 }
 
 impl WritableDevice for OverlayVolume {
+    fn write_now(&self, offset: u64, data: &[u8], fua: bool) -> Option<io::Result<()>> {
+        if data.len() > INLINE_WRITE_MAX || !on_multi_thread_runtime() {
+            return None;
+        }
+        // As in `write`: this worker blocks for the write while its other tasks move on.
+        Some(tokio::task::block_in_place(|| {
+            self.overlay
+                .write(offset, data, fua, &DeviceBase(&*self.base))
+                .map_err(io::Error::from)
+        }))
+    }
+
     fn write<'a>(
         &'a self,
         offset: u64,

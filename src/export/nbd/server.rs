@@ -909,6 +909,20 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Transmission<R, W> {
                 }));
             }
             Command::Write => {
+                // A device that can write at once takes the payload straight from the input
+                // buffer: no copy, no queueing.
+                if let Some(w) = self.dev.writable() {
+                    if let Some(res) =
+                        w.write_now(offset, &self.conn.inbuf.buf[payload.clone()], fua)
+                    {
+                        let errno = match &res {
+                            Ok(()) => 0,
+                            Err(e) => wire_errno(e),
+                        };
+                        proto::encode_simple_reply(&mut self.conn.out, errno, req.cookie);
+                        return;
+                    }
+                }
                 let mut buf = self.take_buf(0);
                 buf.extend_from_slice(&self.conn.inbuf.buf[payload]);
                 self.pending_bytes += buf.len();
