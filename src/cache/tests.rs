@@ -82,6 +82,18 @@ impl ChunkSource for SourceHandle {
     }
 }
 
+/// The cache of image `key` over `src`, with the test chunk size.
+fn open(cache: &ChunkCache, key: &str, src: &Arc<TestSource>) -> Arc<CachedImage> {
+    cache
+        .open_image(
+            key,
+            src.data.len() as u64,
+            CS,
+            Arc::new(SourceHandle(src.clone())),
+        )
+        .unwrap()
+}
+
 fn config(dir: &std::path::Path, max: u64) -> CacheConfig {
     let mut c = CacheConfig::new(dir.to_path_buf(), max);
     c.fetch_timeout = Duration::from_millis(300);
@@ -119,14 +131,7 @@ async fn concurrent_readers_of_a_missing_chunk_fetch_it_once() {
     let cache = ChunkCache::open(config(dir.path(), 1 << 30)).unwrap();
     let src = TestSource::new(4 * CS as usize, vec![]);
     src.delay_ms.store(50, Ordering::SeqCst);
-    let img = cache
-        .open_image(
-            "img",
-            src.data.len() as u64,
-            CS,
-            Arc::new(SourceHandle(src.clone())),
-        )
-        .unwrap();
+    let img = open(&cache, "img", &src);
     let mut tasks = Vec::new();
     for i in 0..16u64 {
         let img = img.clone();
@@ -148,27 +153,13 @@ async fn reopened_cache_serves_verified_chunks_without_fetching() {
     let src = TestSource::new(3 * CS as usize + 100, vec![]);
     {
         let cache = ChunkCache::open(config(dir.path(), 1 << 30)).unwrap();
-        let img = cache
-            .open_image(
-                "img",
-                src.data.len() as u64,
-                CS,
-                Arc::new(SourceHandle(src.clone())),
-            )
-            .unwrap();
+        let img = open(&cache, "img", &src);
         assert_eq!(read(&img, 0, src.data.len()).await.unwrap(), src.data);
         assert_eq!(src.fetches(), 4);
     }
     let cache = ChunkCache::open(config(dir.path(), 1 << 30)).unwrap();
     assert_eq!(cache.used_bytes(), src.data.len() as u64);
-    let img = cache
-        .open_image(
-            "img",
-            src.data.len() as u64,
-            CS,
-            Arc::new(SourceHandle(src.clone())),
-        )
-        .unwrap();
+    let img = open(&cache, "img", &src);
     assert_eq!(read(&img, 0, src.data.len()).await.unwrap(), src.data);
     assert_eq!(
         src.fetches(),
@@ -182,14 +173,7 @@ async fn corrupted_cache_bytes_are_detected_evicted_and_fetched_again() {
     let dir = tmp();
     let src = TestSource::new(2 * CS as usize, vec![]);
     let cache = ChunkCache::open(config(dir.path(), 1 << 30)).unwrap();
-    let img = cache
-        .open_image(
-            "img",
-            src.data.len() as u64,
-            CS,
-            Arc::new(SourceHandle(src.clone())),
-        )
-        .unwrap();
+    let img = open(&cache, "img", &src);
     read(&img, 0, 2 * CS as usize).await.unwrap();
     assert_eq!(src.fetches(), 2);
 
@@ -214,14 +198,7 @@ async fn a_store_that_hangs_fails_reads_within_the_timeout_and_cached_data_stays
     let dir = tmp();
     let src = TestSource::new(2 * CS as usize, vec![]);
     let cache = ChunkCache::open(config(dir.path(), 1 << 30)).unwrap();
-    let img = cache
-        .open_image(
-            "img",
-            src.data.len() as u64,
-            CS,
-            Arc::new(SourceHandle(src.clone())),
-        )
-        .unwrap();
+    let img = open(&cache, "img", &src);
     read(&img, 0, 100).await.unwrap();
     src.hang.store(true, Ordering::SeqCst);
     let t0 = std::time::Instant::now();
@@ -243,14 +220,7 @@ async fn a_failed_fetch_is_not_stuck_in_flight() {
     let dir = tmp();
     let src = TestSource::new(CS as usize, vec![]);
     let cache = ChunkCache::open(config(dir.path(), 1 << 30)).unwrap();
-    let img = cache
-        .open_image(
-            "img",
-            src.data.len() as u64,
-            CS,
-            Arc::new(SourceHandle(src.clone())),
-        )
-        .unwrap();
+    let img = open(&cache, "img", &src);
     src.fail.store(true, Ordering::SeqCst);
     let err = read(&img, 0, 10).await.unwrap_err();
     assert_eq!(crate::error::Classify::kind(&err), ErrorKind::Unavailable);
@@ -267,22 +237,8 @@ async fn cache_stays_bounded_and_keeps_pinned_images() {
     let pinned_src = TestSource::new(4 * CS as usize, vec![]);
     let other_src = TestSource::new(32 * CS as usize, vec![]);
     cache.set_pinned("pinned", true).unwrap();
-    let p = cache
-        .open_image(
-            "pinned",
-            pinned_src.data.len() as u64,
-            CS,
-            Arc::new(SourceHandle(pinned_src.clone())),
-        )
-        .unwrap();
-    let o = cache
-        .open_image(
-            "other",
-            other_src.data.len() as u64,
-            CS,
-            Arc::new(SourceHandle(other_src.clone())),
-        )
-        .unwrap();
+    let p = open(&cache, "pinned", &pinned_src);
+    let o = open(&cache, "other", &other_src);
     read(&p, 0, 4 * CS as usize).await.unwrap();
     for i in 0..32u64 {
         read(&o, i * CS as u64, 10).await.unwrap();
@@ -307,14 +263,7 @@ async fn warm_fetches_every_data_chunk_and_skips_holes() {
     let dir = tmp();
     let src = TestSource::new(8 * CS as usize, vec![2, 5]);
     let cache = ChunkCache::open(config(dir.path(), 1 << 30)).unwrap();
-    let img = cache
-        .open_image(
-            "img",
-            src.data.len() as u64,
-            CS,
-            Arc::new(SourceHandle(src.clone())),
-        )
-        .unwrap();
+    let img = open(&cache, "img", &src);
     read(&img, 0, 10).await.unwrap();
     let last = Arc::new(AtomicU64::new(0));
     let l = last.clone();
@@ -346,14 +295,7 @@ async fn sequential_reads_prefetch_the_next_chunks() {
     cfg.readahead_chunks = 4;
     let cache = ChunkCache::open(cfg).unwrap();
     let src = TestSource::new(16 * CS as usize, vec![]);
-    let img = cache
-        .open_image(
-            "img",
-            src.data.len() as u64,
-            CS,
-            Arc::new(SourceHandle(src.clone())),
-        )
-        .unwrap();
+    let img = open(&cache, "img", &src);
     read(&img, 0, CS as usize).await.unwrap();
     read(&img, CS as u64, CS as usize).await.unwrap();
     read(&img, 2 * CS as u64, CS as usize).await.unwrap();
