@@ -771,6 +771,50 @@ async fn writable_device_accepts_writes_and_advertises_them() {
 }
 
 #[tokio::test]
+async fn large_writes_trickled_in_pieces_land_and_bad_ones_keep_the_stream_in_step() {
+    let size = 4 << 20;
+    let mut h = start_with(MemDevice::new(vec![0u8; size]).with_writes());
+    h.client.greet().await;
+    let c = &mut h.client;
+    c.go("disk").await;
+    // Two 1 MiB writes back to back, each sent in uneven pieces with pauses, so the
+    // server sees the payload arrive over many reads.
+    let data: Vec<u8> = (0..2 << 20).map(|i| (i * 7 % 251) as u8).collect();
+    let mut wire = req_bytes(1, 0, 1, 4096, 1 << 20);
+    wire.extend_from_slice(&data[..1 << 20]);
+    wire.extend(req_bytes(1, CMD_FLAG_FUA, 2, (1 << 20) + 4096, 1 << 20));
+    wire.extend_from_slice(&data[1 << 20..]);
+    for piece in wire.chunks(100_003) {
+        c.s.write_all(piece).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    let mut cookies = vec![c.simple(0).await, c.simple(0).await];
+    cookies.sort_by_key(|r| r.1);
+    assert_eq!(cookies, vec![(0, 1, vec![]), (0, 2, vec![])]);
+    // A large write past the end: ENOSPC, its payload consumed, the next request parses.
+    let mut v = req_bytes(1, 0, 3, size as u64 - 4096, 256 << 10);
+    v.extend(vec![9u8; 256 << 10]);
+    c.s.write_all(&v).await.unwrap();
+    assert_eq!(c.simple(0).await, (ENOSPC, 3, vec![]));
+    c.request(0, 0, 4, 4096, 2 << 20).await;
+    let (err, cookie, got) = c.simple(2 << 20).await;
+    assert_eq!((err, cookie), (0, 4));
+    assert!(got == data, "read back differs from what was written");
+}
+
+#[tokio::test]
+async fn large_write_to_read_only_export_returns_eperm_and_stream_stays_in_step() {
+    let mut c = start().await;
+    c.go("disk").await;
+    let mut v = req_bytes(1, 0, 21, 0, 512 << 10);
+    v.extend(vec![1u8; 512 << 10]);
+    c.s.write_all(&v).await.unwrap();
+    assert_eq!(c.simple(0).await, (EPERM, 21, vec![]));
+    c.request(0, 0, 22, 0, 5).await;
+    assert_eq!(c.simple(5).await.1, 22);
+}
+
+#[tokio::test]
 async fn shutdown_closes_connections_and_stops_accepting() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("nbd.sock");

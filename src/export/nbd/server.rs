@@ -55,6 +55,10 @@ const SHARE_MIN: usize = 16 * 1024;
 static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
 
 const INBUF_SIZE: usize = 256 * 1024;
+/// A WRITE payload at least this long that is not buffered yet is read straight into a
+/// buffer of its own and written on a blocking thread, so the connection goes on reading
+/// the next requests while it is written (see [`BigWrite`]).
+const BIG_WRITE: usize = 64 * 1024;
 /// An idle connection keeps an output buffer up to this size for reuse.
 const OUTBUF_KEEP: usize = 16 * 1024 * 1024;
 
@@ -629,6 +633,13 @@ enum Done {
     },
 }
 
+/// A large WRITE whose payload is being read from the socket straight into `buf`.
+struct BigWrite {
+    req: Request,
+    buf: Vec<u8>,
+    filled: usize,
+}
+
 struct Transmission<R, W> {
     conn: Conn<R, W>,
     dev: Arc<dyn BlockDevice>,
@@ -646,6 +657,8 @@ struct Transmission<R, W> {
     spin_cur: Duration,
     /// Scratch space for [`BlockDevice::try_read_mapped`].
     mapped: Vec<MappedPiece>,
+    /// The stream is inside the payload of this WRITE: read into its buffer, not `inbuf`.
+    big: Option<BigWrite>,
 }
 
 /// Append the bytes of `piece` to `out`: long data shared, short data copied, zeros.
@@ -662,6 +675,23 @@ fn put_piece(out: &mut OutBuf, piece: &MappedPiece) {
             }
         }
         MappedPiece::Zero(n) => out.grab(*n).fill(0),
+    }
+}
+
+/// Read what the socket has into the payload of `big` if there is one, else into `inbuf`.
+/// `Ok(0)` at end of stream. Cancel safe.
+async fn fill_next<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    inbuf: &mut InBuf,
+    big: &mut Option<BigWrite>,
+) -> io::Result<usize> {
+    match big {
+        Some(b) => {
+            let n = rd.read(&mut b.buf[b.filled..]).await?;
+            b.filled += n;
+            Ok(n)
+        }
+        None => inbuf.fill(rd).await,
     }
 }
 
@@ -699,6 +729,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Transmission<R, W> {
             spin: None,
             spin_cur: Duration::ZERO,
             mapped: Vec::new(),
+            big: None,
         }
     }
 
@@ -729,11 +760,12 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Transmission<R, W> {
                 let _ = self.conn.out.flush(&mut self.conn.wr).await;
                 return Ok(());
             }
-            let can_read = !eof && self.may_take_more() && self.conn.inbuf.has_room();
+            let can_read = !eof
+                && (self.big.is_some() || (self.may_take_more() && self.conn.inbuf.has_room()));
             let want_write = self.conn.out.unsent() > 0;
             // When this connection went to sleep after a spin that found nothing.
             let mut slept_at = None;
-            if can_read && !want_write && idle && self.spin.is_some() {
+            if can_read && !want_write && idle && self.spin.is_some() && self.big.is_none() {
                 // Spin only after small batches (small-request ping-pong); after large
                 // replies the client is busy copying and the CPU is better left to it.
                 let batch = self.conn.out.total_sent - spun_at;
@@ -752,11 +784,14 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Transmission<R, W> {
                 r = self.conn.out.write_some(&mut self.conn.wr), if want_write => {
                     r?;
                 }
-                r = self.conn.inbuf.fill(&mut self.conn.rd), if can_read => {
+                r = fill_next(&mut self.conn.rd, &mut self.conn.inbuf, &mut self.big), if can_read => {
                     if r? == 0 {
                         eof = true;
                     } else if let Some(t) = slept_at {
                         self.spin_woken_after(t.elapsed());
+                    }
+                    if self.big.as_ref().is_some_and(|b| b.filled == b.buf.len()) {
+                        self.start_big_write();
                     }
                 }
             }
@@ -849,6 +884,21 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Transmission<R, W> {
             let req = proto::parse_request(&hb)?;
             let need = proto::REQUEST_LEN + req.payload_len();
             if data.len() < need {
+                if req.payload_len() >= BIG_WRITE {
+                    // Everything buffered belongs to this payload: move it over and read
+                    // the rest straight into the request's own buffer.
+                    let have = data.len() - proto::REQUEST_LEN;
+                    let mut buf = self.take_buf(req.payload_len());
+                    buf[..have].copy_from_slice(&self.conn.inbuf.data()[proto::REQUEST_LEN..]);
+                    let n = self.conn.inbuf.data().len();
+                    self.conn.inbuf.consume(n);
+                    self.big = Some(BigWrite {
+                        req,
+                        buf,
+                        filled: have,
+                    });
+                    break;
+                }
                 self.conn.inbuf.reserve(need);
                 break;
             }
@@ -859,19 +909,69 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Transmission<R, W> {
         Ok(false)
     }
 
+    /// A buffer of `len` bytes with stale contents (from this connection's earlier
+    /// requests; only the part never used before is zeroed).
     fn take_buf(&mut self, len: usize) -> Vec<u8> {
         let mut b = self.pool.pop().unwrap_or_default();
-        b.resize(len, 0);
+        if b.len() < len {
+            b.resize(len, 0);
+        } else {
+            b.truncate(len);
+        }
         self.pending_bytes += len;
         b
     }
 
-    fn put_buf(&mut self, mut buf: Vec<u8>) {
+    fn put_buf(&mut self, buf: Vec<u8>) {
         self.pending_bytes -= buf.len();
         if self.pool.len() < 16 && buf.capacity() <= 4 * 1024 * 1024 {
-            buf.clear();
             self.pool.push(buf);
         }
+    }
+
+    /// The payload of the [`BigWrite`] is complete: check the request and queue the write
+    /// on a blocking thread (falling back to [`WritableDevice::write`] for devices that
+    /// cannot write at once).
+    fn start_big_write(&mut self) {
+        let Some(BigWrite { req, buf, .. }) = self.big.take() else {
+            return;
+        };
+        if let Err(errno) = proto::check_request(&req, &self.neg) {
+            self.reply_error(&req, errno);
+            self.put_buf(buf);
+            return;
+        }
+        let fua = req.flags & proto::CMD_FLAG_FUA != 0;
+        let (offset, len) = (req.offset, buf.len());
+        let dev = self.dev.clone();
+        self.pending.push(Box::pin(async move {
+            let blocking_dev = dev.clone();
+            let done = tokio::task::spawn_blocking(move || {
+                let res = blocking_dev
+                    .writable()
+                    .and_then(|w| w.write_now(offset, &buf, fua));
+                (buf, res)
+            })
+            .await;
+            let (buf, res) = match done {
+                Ok((buf, Some(res))) => (buf, res),
+                Ok((buf, None)) => {
+                    let res = match dev.writable() {
+                        Some(w) => w.write(offset, &buf, fua).await,
+                        None => Err(crate::device::errno_error(libc::EPERM)),
+                    };
+                    (buf, res)
+                }
+                // The buffer went down with the panicked thread; a new one keeps the
+                // accounting of `pending_bytes` right.
+                Err(e) => (vec![0; len], Err(io::Error::other(e))),
+            };
+            Done::Plain {
+                cookie: req.cookie,
+                buf,
+                res,
+            }
+        }));
     }
 
     fn reply_error(&mut self, req: &Request, errno: u32) {
