@@ -37,7 +37,8 @@ for _ in $(seq 100); do [ -S "$W/state/control.sock" ] && break; sleep 0.1; done
 qemu-img create -q -f qcow2 -b "$IMG" -F raw "$W/ov.qcow2"
 qemu-nbd -f qcow2 -x vol -e 8 --persistent --cache=writeback --socket="$W/qemu.sock" "$W/ov.qcow2" &
 QEMU_PID=$!
-nbdkit -f -U "$W/nbdkit.sock" --filter=cow file "$IMG" &
+# The cow filter keeps its overlay in $TMPDIR: on tmpfs like everyone else's.
+TMPDIR=$W nbdkit -f -U "$W/nbdkit.sock" --filter=cow file "$IMG" &
 NBDKIT_PID=$!
 for _ in $(seq 100); do [ -S "$W/qemu.sock" ] && [ -S "$W/nbdkit.sock" ] && break; sleep 0.1; done
 

@@ -4,7 +4,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileExt;
 
 /// Outcome of a non-blocking positioned read.
@@ -207,6 +207,107 @@ impl Drop for Mapping {
         // no borrow of it outlives `self`.
         unsafe {
             libc::munmap(self.ptr.as_ptr().cast(), self.len);
+        }
+    }
+}
+
+/// Size of one [`FileMemory`] segment: a segment is mapped whole the first time a byte of
+/// it is asked for, and stays mapped (at a fixed address) until the `FileMemory` is dropped.
+pub const FILE_MEMORY_SEGMENT: u64 = 1 << 30;
+
+/// Writable shared mappings of a file on a memory file system, made segment by segment on
+/// demand, so that data received from a socket can land in the file's pages with one copy.
+///
+/// Only for files on tmpfs/ramfs ([`is_memory_backed`]): there a store to a page whose
+/// blocks were allocated first ([`FileMemory::allocate`]) can never fault with `SIGBUS` (no
+/// device I/O, no allocation at fault time). Callers never shrink the file while it is
+/// mapped (a shrink would turn the lost pages into `SIGBUS`), and punch holes only into
+/// ranges no one is writing through the mapping.
+pub struct FileMemory {
+    fd: RawFd,
+    segments: parking_lot::Mutex<Vec<Option<std::ptr::NonNull<u8>>>>,
+}
+
+// SAFETY: the segments are shared mappings owned by this value; the raw pointers are only
+// handed out by `map`, whose callers uphold its contract. Nothing is thread-bound.
+unsafe impl Send for FileMemory {}
+// SAFETY: as above; the segment table is behind a mutex.
+unsafe impl Sync for FileMemory {}
+
+impl FileMemory {
+    /// Mappings of `file` (whose fd must stay open for the life of this value: the owner
+    /// keeps the `File` next to it).
+    pub fn new(file: &File) -> FileMemory {
+        FileMemory {
+            fd: file.as_raw_fd(),
+            segments: parking_lot::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Allocate the file's blocks at `offset .. offset+len` (growing the file if needed),
+    /// so that stores to their memory cannot fault for lack of space. `ENOSPC` when the
+    /// file system is full. Cheap for blocks already allocated.
+    pub fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        // SAFETY: fallocate(2) on an open fd with integer arguments; no memory is shared.
+        if unsafe { libc::fallocate(self.fd, 0, offset as libc::off_t, len as libc::off_t) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// A pointer to the file's bytes at `offset .. offset+len` in memory, which must be
+    /// allocated ([`FileMemory::allocate`]) and must not cross a [`FILE_MEMORY_SEGMENT`]
+    /// boundary.
+    ///
+    /// The pointer stays valid while `self` lives; writing through it is sound as long as
+    /// no one else reads or writes the range meanwhile (the caller owns those blocks).
+    pub fn map(&self, offset: u64, len: u64) -> io::Result<std::ptr::NonNull<u8>> {
+        let seg = offset / FILE_MEMORY_SEGMENT;
+        if len == 0 || (offset + len - 1) / FILE_MEMORY_SEGMENT != seg {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        let mut segs = self.segments.lock();
+        let i = seg as usize;
+        if segs.len() <= i {
+            segs.resize(i + 1, None);
+        }
+        let base = match segs[i] {
+            Some(p) => p,
+            None => {
+                // SAFETY: a fresh shared mapping (addr NULL) of an open fd; it aliases no
+                // Rust memory. Pages past the end of the file are never touched (see type).
+                let p = unsafe {
+                    libc::mmap(
+                        std::ptr::null_mut(),
+                        FILE_MEMORY_SEGMENT as usize,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                        libc::MAP_SHARED,
+                        self.fd,
+                        (seg * FILE_MEMORY_SEGMENT) as libc::off_t,
+                    )
+                };
+                if p == libc::MAP_FAILED {
+                    return Err(io::Error::last_os_error());
+                }
+                let p = std::ptr::NonNull::new(p.cast::<u8>())
+                    .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+                segs[i] = Some(p);
+                p
+            }
+        };
+        // SAFETY: `offset % SEGMENT < SEGMENT`, inside the segment's mapping.
+        Ok(unsafe { base.add((offset % FILE_MEMORY_SEGMENT) as usize) })
+    }
+}
+
+impl Drop for FileMemory {
+    fn drop(&mut self) {
+        for p in self.segments.get_mut().iter().flatten() {
+            // SAFETY: each pointer is a whole segment mapped in `map`, unmapped once;
+            // pointers handed out do not outlive `self` (see `map`).
+            unsafe {
+                libc::munmap(p.as_ptr().cast(), FILE_MEMORY_SEGMENT as usize);
+            }
         }
     }
 }

@@ -96,6 +96,12 @@ impl WritableDevice for VolumeDevice {
         self.inner.write(offset, data, fua)
     }
 
+    fn landing(&self, offset: u64, len: u64) -> Option<Box<dyn crate::device::Landing>> {
+        let l = self.inner.landing(offset, len)?;
+        self.note();
+        Some(l)
+    }
+
     fn write_now(&self, offset: u64, data: &[u8], fua: bool) -> Option<io::Result<()>> {
         let r = self.inner.write_now(offset, data, fua)?;
         self.note();

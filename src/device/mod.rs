@@ -126,6 +126,20 @@ pub trait BlockDevice: Send + Sync + 'static {
     }
 }
 
+/// The destination of one WRITE's payload in the device's own memory; see
+/// [`WritableDevice::landing`].
+pub trait Landing: Send {
+    /// Where the payload's bytes from `filled` on go: a non-empty slice up to the end of the
+    /// contiguous piece holding byte `filled` (empty once `filled == len`).
+    fn room(&mut self, filled: usize) -> &mut [u8];
+    /// As [`Landing::room`], as up to `max` slices covering the rest of the payload in
+    /// order (for vectored reads; the memory need not be contiguous).
+    fn rooms(&mut self, filled: usize, max: usize) -> Vec<io::IoSliceMut<'_>>;
+    /// Make the whole payload the device's content at the landing's offset (as
+    /// [`WritableDevice::write`] would; with `fua`, durable when it returns).
+    fn commit(self: Box<Self>, fua: bool) -> io::Result<()>;
+}
+
 /// Writes on a device. Filled in by the copy-on-write volumes issue.
 pub trait WritableDevice: Send + Sync {
     /// Write `data` at `offset`; with `fua`, durable before returning.
@@ -137,6 +151,14 @@ pub trait WritableDevice: Send + Sync {
     /// [`WritableDevice::write`]. Never starts work that outlives the call.
     fn write_now(&self, offset: u64, data: &[u8], fua: bool) -> Option<io::Result<()>> {
         let _ = (offset, data, fua);
+        None
+    }
+    /// Memory a WRITE of `len` bytes at `offset` can be received into directly (from a
+    /// socket: one copy instead of two), if this device offers it for this request. `None`:
+    /// use [`WritableDevice::write`]. Nothing is written until [`Landing::commit`];
+    /// dropping the landing writes nothing.
+    fn landing(&self, offset: u64, len: u64) -> Option<Box<dyn Landing>> {
+        let _ = (offset, len);
         None
     }
     /// Make every acknowledged write durable.

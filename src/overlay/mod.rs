@@ -36,6 +36,7 @@
 
 pub mod format;
 pub mod harness;
+pub mod landing;
 pub mod map;
 pub mod sim;
 pub mod storage;
@@ -63,6 +64,10 @@ const JOURNAL_CHECKPOINT_BYTES: u64 = 64 << 20;
 /// Pending (unflushed) records past which a write flushes by itself.
 const WRITEBACK_RECORDS: usize = 16 * 1024;
 const STRIPES: usize = 1024;
+/// Free blocks kept allocated (not punched) at least, for reuse by the next writes.
+const SPARE_MIN_BLOCKS: usize = 8 * 1024;
+/// Spare runs shorter than this are not punched (see [`Meta::take_punch`]).
+const PUNCH_RUN_MIN: usize = 16;
 /// Blocks per stripe lock.
 const STRIPE_GROUP: u64 = 16;
 
@@ -239,6 +244,10 @@ struct Meta {
     refcount: Vec<u16>,
     /// Blocks below `hwm` with no reference, durably so: free to allocate.
     free: BTreeSet<u32>,
+    /// Free blocks released without punching a hole, so their memory (on a memory file
+    /// system) stays allocated and mapped for the next write: a subset of `free`, at most
+    /// [`Meta::spare_max`] long; the highest are punched first.
+    spare: BTreeSet<u32>,
     /// Physical blocks `0..hwm` have been handed out at some time.
     hwm: u32,
     /// Blocks with a non-zero count.
@@ -263,6 +272,7 @@ impl Meta {
             snapshots: BTreeMap::new(),
             refcount: Vec::new(),
             free: BTreeSet::new(),
+            spare: BTreeSet::new(),
             hwm: 0,
             in_use: 0,
             next_seq: 1,
@@ -376,7 +386,10 @@ impl Meta {
         let mut out = Vec::with_capacity(n);
         while out.len() < n {
             match self.free.pop_first() {
-                Some(p) => out.push(p),
+                Some(p) => {
+                    self.spare.remove(&p);
+                    out.push(p)
+                }
                 None => break,
             }
         }
@@ -437,9 +450,54 @@ impl Meta {
         self.hwm = maxp as u32;
         self.in_use = rc.iter().filter(|&&c| c > 0).count() as u64;
         self.free = (0..self.hwm).filter(|&p| rc[p as usize] == 0).collect();
+        self.spare.clear();
         self.refcount = rc;
         self.deferred.clear();
         self.loading = false;
+    }
+
+    /// Take spares to punch out of `spare` (they stay free), so that at most
+    /// [`Meta::spare_max`] remain: runs of at least [`PUNCH_RUN_MIN`] blocks, the highest
+    /// first; single blocks and short runs only when over four times the allowance (one
+    /// hole-punching call per block costs more than the memory is worth, and the
+    /// neighbours of a freed block are often freed soon after).
+    fn take_punch(&mut self) -> Vec<u32> {
+        let keep = self.spare_max();
+        let Some(mut excess) = self.spare.len().checked_sub(keep).filter(|&e| e > 0) else {
+            return Vec::new();
+        };
+        let any = self.spare.len() > 4 * keep;
+        let mut out = Vec::new();
+        let mut run: Vec<u32> = Vec::new();
+        let take = |run: &mut Vec<u32>, out: &mut Vec<u32>, excess: &mut usize| {
+            if any || run.len() >= PUNCH_RUN_MIN {
+                *excess = excess.saturating_sub(run.len());
+                out.append(run);
+            }
+            run.clear();
+        };
+        for &p in self.spare.iter().rev() {
+            if excess == 0 {
+                break;
+            }
+            if run.last().is_some_and(|&q| q != p + 1) {
+                take(&mut run, &mut out, &mut excess);
+            }
+            run.push(p);
+        }
+        if excess > 0 {
+            take(&mut run, &mut out, &mut excess);
+        }
+        for p in &out {
+            self.spare.remove(p);
+        }
+        out
+    }
+
+    /// Free blocks kept allocated for reuse: [`SPARE_MIN_BLOCKS`] or an eighth of the
+    /// blocks in use, whichever is more.
+    fn spare_max(&self) -> usize {
+        SPARE_MIN_BLOCKS.max((self.in_use / 8) as usize)
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<()> {
@@ -1132,11 +1190,15 @@ impl Overlay {
         Ok(())
     }
 
-    /// Invariant 2: apply decrements durable up to `durable_seq`, punch and free blocks.
+    /// Invariant 2: apply decrements durable up to `durable_seq` and free blocks, punching
+    /// holes for those beyond the spare allowance (the highest free blocks).
     fn release(&self, durable_seq: u64) -> Result<()> {
         let _gate = self.gate.write();
         let mut m = self.meta.lock();
-        let mut freed = m.take_released(durable_seq);
+        let freed = m.take_released(durable_seq);
+        m.free.extend(freed.iter().copied());
+        m.spare.extend(freed.iter().copied());
+        let mut freed = m.take_punch();
         freed.sort_unstable();
         let mut i = 0;
         while i < freed.len() {
@@ -1148,7 +1210,6 @@ impl Overlay {
             let _ = self.data.punch(freed[i] as u64 * BLOCK, n as u64 * BLOCK);
             i += n;
         }
-        m.free.extend(freed);
         Ok(())
     }
 

@@ -37,6 +37,11 @@ pub trait OverlayFile: Send + Sync {
         let _ = (buf, offset);
         None
     }
+    /// The file's memory, when it lives on a memory file system: writes may land there
+    /// directly (see [`sys::FileMemory`]). Such writes count as `write_at`s for `sync`.
+    fn memory(&self) -> Option<&sys::FileMemory> {
+        None
+    }
 }
 
 /// The named files of one overlay. Names are plain file names (`super`, `journal`, ...).
@@ -50,6 +55,8 @@ pub trait OverlayStorage: Send + Sync {
 
 /// A real file.
 pub struct RealFile {
+    /// Dropped before `file` (declared first), as its mappings use `file`'s fd.
+    memory: Option<sys::FileMemory>,
     file: File,
     /// On tmpfs `RWF_NOWAIT` may be unsupported but reads never block: read directly.
     memory_backed: bool,
@@ -59,6 +66,7 @@ impl RealFile {
     pub fn new(file: File) -> Self {
         let memory_backed = sys::is_memory_backed(&file);
         RealFile {
+            memory: memory_backed.then(|| sys::FileMemory::new(&file)),
             file,
             memory_backed,
         }
@@ -121,6 +129,10 @@ impl OverlayFile for RealFile {
             }
             Err(e) => Err(e),
         }
+    }
+
+    fn memory(&self) -> Option<&sys::FileMemory> {
+        self.memory.as_ref()
     }
 
     fn read_nowait(&self, buf: &mut [u8], offset: u64) -> Option<io::Result<()>> {

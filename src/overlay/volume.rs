@@ -204,6 +204,16 @@ impl BlockDevice for OverlayVolume {
 }
 
 impl WritableDevice for OverlayVolume {
+    /// Landings exist only on memory file systems, so committing one (even with FUA: a
+    /// flush there is memory work) never waits for a device.
+    fn landing(&self, offset: u64, len: u64) -> Option<Box<dyn crate::device::Landing>> {
+        match self.overlay.landing(offset, len) {
+            Ok(Some(l)) => Some(Box::new(l)),
+            // Errors (no space, out of range) are reported by the ordinary write path.
+            Ok(None) | Err(_) => None,
+        }
+    }
+
     fn write_now(&self, offset: u64, data: &[u8], fua: bool) -> Option<io::Result<()>> {
         if data.len() > INLINE_WRITE_MAX || !on_multi_thread_runtime() {
             return None;

@@ -13,7 +13,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::AsyncWrite;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -124,7 +124,7 @@ impl NbdServer {
         shutdown: watch::Receiver<bool>,
     ) -> Result<(), NbdError>
     where
-        R: AsyncRead + Unpin,
+        R: server::ReadStream,
         W: AsyncWrite + Unpin,
     {
         server::serve(&*self.registry, rd, wr, shutdown, None).await
@@ -138,7 +138,7 @@ impl NbdServer {
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = std::io::Result<((R, W), RawFd)>>,
-        R: AsyncRead + Unpin + Send + 'static,
+        R: server::ReadStream + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
         let mut conns = JoinSet::new();

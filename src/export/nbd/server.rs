@@ -14,7 +14,7 @@
 
 use std::collections::VecDeque;
 use std::future::Future;
-use std::io::{self, IoSlice};
+use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,7 +27,7 @@ use tokio::sync::watch;
 
 use super::proto::{self, ClientOption, Command, MetaContext, Negotiated, Request, Sink};
 use super::NbdError;
-use crate::device::{errno_of, BlockDevice, ExtentKind, MappedPiece, Residency};
+use crate::device::{errno_of, BlockDevice, ExtentKind, Landing, MappedPiece, Residency};
 use crate::export::{Export, ExportRegistry};
 
 /// Most requests queued (waiting on the device) per connection.
@@ -79,6 +79,39 @@ pub(super) async fn wait_shutdown(mut shutdown: watch::Receiver<bool>) {
 /// `spin`, when given, is the socket's fd and a duration: after answering a small batch,
 /// the connection polls the fd that long before sleeping, which saves a sleep and wake-up
 /// per batch for a client in a tight request loop. The fd must stay open while `rd` lives.
+/// The read side of a connection: a stream that can also read into several buffers with
+/// one call (a large WRITE's payload lands in scattered device memory this way).
+pub trait ReadStream: AsyncRead + Unpin + Send {
+    /// Read into `bufs` in order; `Ok(0)` at end of stream. Cancel safe.
+    fn read_vectored<'a>(
+        &'a mut self,
+        bufs: &'a mut [IoSliceMut<'_>],
+    ) -> BoxFuture<'a, io::Result<usize>>;
+}
+
+macro_rules! read_stream_for_tokio_half {
+    ($t:ty) => {
+        impl ReadStream for $t {
+            fn read_vectored<'a>(
+                &'a mut self,
+                bufs: &'a mut [IoSliceMut<'_>],
+            ) -> BoxFuture<'a, io::Result<usize>> {
+                Box::pin(async move {
+                    loop {
+                        self.readable().await?;
+                        match self.try_read_vectored(bufs) {
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                            r => return r,
+                        }
+                    }
+                })
+            }
+        }
+    };
+}
+read_stream_for_tokio_half!(tokio::net::unix::OwnedReadHalf);
+read_stream_for_tokio_half!(tokio::net::tcp::OwnedReadHalf);
+
 pub(super) async fn serve<R, W>(
     registry: &dyn ExportRegistry,
     rd: R,
@@ -87,7 +120,7 @@ pub(super) async fn serve<R, W>(
     spin: Option<(RawFd, Duration)>,
 ) -> Result<(), NbdError>
 where
-    R: AsyncRead + Unpin,
+    R: ReadStream,
     W: AsyncWrite + Unpin,
 {
     let stop = wait_shutdown(shutdown);
@@ -633,11 +666,27 @@ enum Done {
     },
 }
 
-/// A large WRITE whose payload is being read from the socket straight into `buf`.
+/// A large WRITE whose payload is being read from the socket straight into `buf`, or into
+/// the device's own memory (`landing`, then `buf` is empty).
 struct BigWrite {
     req: Request,
     buf: Vec<u8>,
     filled: usize,
+    landing: Option<Box<dyn Landing>>,
+}
+
+impl BigWrite {
+    /// Where the next payload bytes go.
+    fn room(&mut self) -> &mut [u8] {
+        match &mut self.landing {
+            Some(l) => l.room(self.filled),
+            None => &mut self.buf[self.filled..],
+        }
+    }
+
+    fn complete(&self) -> bool {
+        self.filled == self.req.len as usize
+    }
 }
 
 struct Transmission<R, W> {
@@ -680,14 +729,20 @@ fn put_piece(out: &mut OutBuf, piece: &MappedPiece) {
 
 /// Read what the socket has into the payload of `big` if there is one, else into `inbuf`.
 /// `Ok(0)` at end of stream. Cancel safe.
-async fn fill_next<R: AsyncRead + Unpin>(
+async fn fill_next<R: ReadStream>(
     rd: &mut R,
     inbuf: &mut InBuf,
     big: &mut Option<BigWrite>,
 ) -> io::Result<usize> {
     match big {
         Some(b) => {
-            let n = rd.read(&mut b.buf[b.filled..]).await?;
+            let n = match &mut b.landing {
+                Some(l) => {
+                    let mut iov = l.rooms(b.filled, MAX_IOV);
+                    rd.read_vectored(&mut iov).await?
+                }
+                None => rd.read(&mut b.buf[b.filled..]).await?,
+            };
             b.filled += n;
             Ok(n)
         }
@@ -708,7 +763,7 @@ fn wire_errno(err: &io::Error) -> u32 {
     }
 }
 
-impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Transmission<R, W> {
+impl<R: ReadStream, W: AsyncWrite + Unpin> Transmission<R, W> {
     fn new(conn: Conn<R, W>, session: Session) -> Self {
         let dev = session.export.device.clone();
         let neg = Negotiated {
@@ -790,7 +845,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Transmission<R, W> {
                     } else if let Some(t) = slept_at {
                         self.spin_woken_after(t.elapsed());
                     }
-                    if self.big.as_ref().is_some_and(|b| b.filled == b.buf.len()) {
+                    if self.big.as_ref().is_some_and(BigWrite::complete) {
                         self.start_big_write();
                     }
                 }
@@ -886,17 +941,36 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Transmission<R, W> {
             if data.len() < need {
                 if req.payload_len() >= BIG_WRITE {
                     // Everything buffered belongs to this payload: move it over and read
-                    // the rest straight into the request's own buffer.
-                    let have = data.len() - proto::REQUEST_LEN;
-                    let mut buf = self.take_buf(req.payload_len());
-                    buf[..have].copy_from_slice(&self.conn.inbuf.data()[proto::REQUEST_LEN..]);
-                    let n = self.conn.inbuf.data().len();
-                    self.conn.inbuf.consume(n);
-                    self.big = Some(BigWrite {
+                    // the rest straight into the device's memory if it offers some (only
+                    // for a request it will accept), else into the request's own buffer.
+                    let landing = match proto::check_request(&req, &self.neg) {
+                        Ok(()) => self
+                            .dev
+                            .writable()
+                            .and_then(|w| w.landing(req.offset, req.len.into())),
+                        Err(_) => None,
+                    };
+                    let buf = match landing {
+                        Some(_) => Vec::new(),
+                        None => self.take_buf(req.payload_len()),
+                    };
+                    let mut big = BigWrite {
                         req,
                         buf,
-                        filled: have,
-                    });
+                        filled: 0,
+                        landing,
+                    };
+                    let mut have = &self.conn.inbuf.data()[proto::REQUEST_LEN..];
+                    while !have.is_empty() {
+                        let room = big.room();
+                        let k = room.len().min(have.len());
+                        room[..k].copy_from_slice(&have[..k]);
+                        have = &have[k..];
+                        big.filled += k;
+                    }
+                    let n = self.conn.inbuf.data().len();
+                    self.conn.inbuf.consume(n);
+                    self.big = Some(big);
                     break;
                 }
                 self.conn.inbuf.reserve(need);
@@ -933,15 +1007,27 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Transmission<R, W> {
     /// on a blocking thread (falling back to [`WritableDevice::write`] for devices that
     /// cannot write at once).
     fn start_big_write(&mut self) {
-        let Some(BigWrite { req, buf, .. }) = self.big.take() else {
+        let Some(BigWrite {
+            req, buf, landing, ..
+        }) = self.big.take()
+        else {
             return;
         };
+        let fua = req.flags & proto::CMD_FLAG_FUA != 0;
+        if let Some(landing) = landing {
+            // Already checked; the payload is in place: make it the content.
+            let errno = match landing.commit(fua) {
+                Ok(()) => 0,
+                Err(e) => wire_errno(&e),
+            };
+            proto::encode_simple_reply(&mut self.conn.out, errno, req.cookie);
+            return;
+        }
         if let Err(errno) = proto::check_request(&req, &self.neg) {
             self.reply_error(&req, errno);
             self.put_buf(buf);
             return;
         }
-        let fua = req.flags & proto::CMD_FLAG_FUA != 0;
         let (offset, len) = (req.offset, buf.len());
         let dev = self.dev.clone();
         self.pending.push(Box::pin(async move {
