@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Copy-on-write volume I/O over NBD: imgcache volumes vs qemu-nbd (qcow2 overlay on the raw
 # base) vs nbdkit's cow filter, one run on the same random base image on tmpfs, with fio's
-# nbd engine. Then the read cost of a volume with 1 vs 16 snapshots.
+# nbd engine. Sequential writes are measured twice: into a fresh overlay, and over a volume
+# that the random-write run left scattered. Then the read cost of a volume with 1 vs 16
+# snapshots.
 #
 #   benches/volume.sh            # SIZE=1G RUNTIME=8 by default
 #
@@ -33,27 +35,43 @@ export IMGCACHE_STATE_DIR=$W/state
 IMGCACHE_PID=$!
 for _ in $(seq 100); do [ -S "$W/state/control.sock" ] && break; sleep 0.1; done
 "$BIN" image add bench --file "$IMG" >/dev/null
-"$BIN" volume create vol --image bench >/dev/null
-qemu-img create -q -f qcow2 -b "$IMG" -F raw "$W/ov.qcow2"
-qemu-nbd -f qcow2 -x vol -e 8 --persistent --cache=writeback --socket="$W/qemu.sock" "$W/ov.qcow2" &
-QEMU_PID=$!
-# The cow filter keeps its overlay in $TMPDIR: on tmpfs like everyone else's.
-TMPDIR=$W nbdkit -f -U "$W/nbdkit.sock" --filter=cow file "$IMG" &
-NBDKIT_PID=$!
-for _ in $(seq 100); do [ -S "$W/qemu.sock" ] && [ -S "$W/nbdkit.sock" ] && break; sleep 0.1; done
+# Two targets per server: "vol" takes the random writes, then the sequential overwrite and
+# the reads; "fresh" takes a sequential write into a new, empty overlay.
+for t in vol fresh; do
+  "$BIN" volume create "$t" --image bench >/dev/null
+  qemu-img create -q -f qcow2 -b "$IMG" -F raw "$W/$t.qcow2"
+  qemu-nbd -f qcow2 -x vol -e 8 --persistent --cache=writeback --socket="$W/qemu-$t.sock" \
+    "$W/$t.qcow2" &
+  QEMU_PID="${QEMU_PID:-} $!"
+  # The cow filter keeps its overlay in $TMPDIR: on tmpfs like everyone else's.
+  TMPDIR=$W nbdkit -f -U "$W/nbdkit-$t.sock" --filter=cow file "$IMG" &
+  NBDKIT_PID="${NBDKIT_PID:-} $!"
+done
+for _ in $(seq 100); do
+  [ -S "$W/qemu-fresh.sock" ] && [ -S "$W/nbdkit-fresh.sock" ] && break; sleep 0.1
+done
 
-declare -A URI=(
-  [imgcache]="nbd+unix:///volumes/vol?socket=$W/state/nbd.sock"
-  [qemu-qcow2]="nbd+unix:///vol?socket=$W/qemu.sock"
-  [nbdkit-cow]="nbd+unix:///?socket=$W/nbdkit.sock"
-)
+uri() { # SERVER TARGET
+  case $1 in
+    imgcache) echo "nbd+unix:///volumes/$2?socket=$W/state/nbd.sock" ;;
+    qemu-qcow2) echo "nbd+unix:///vol?socket=$W/qemu-$2.sock" ;;
+    nbdkit-cow) echo "nbd+unix:///?socket=$W/nbdkit-$2.sock" ;;
+  esac
+}
 SERVERS=(imgcache qemu-qcow2 nbdkit-cow)
 declare -A WL=(
   [randwrite-4K-qd32]="--rw=randwrite --bs=4k --iodepth=32"
-  [seqwrite-1M-qd8]="--rw=write --bs=1M --iodepth=8"
+  [seqwrite-1M-qd8-fresh]="--rw=write --bs=1M --iodepth=8"
+  [seqwrite-1M-qd8-over-random]="--rw=write --bs=1M --iodepth=8"
   [randread-4K-qd32]="--rw=randread --bs=4k --iodepth=32"
 )
-WORKLOADS=(randwrite-4K-qd32 seqwrite-1M-qd8 randread-4K-qd32)
+declare -A TARGET=(
+  [randwrite-4K-qd32]=vol
+  [seqwrite-1M-qd8-fresh]=fresh
+  [seqwrite-1M-qd8-over-random]=vol
+  [randread-4K-qd32]=vol
+)
+WORKLOADS=(randwrite-4K-qd32 seqwrite-1M-qd8-fresh seqwrite-1M-qd8-over-random randread-4K-qd32)
 
 fio_run() { # URI WORKLOAD-ARGS... ; prints "MiB/s IOPS" of the job's read+write
   local uri=$1; shift
@@ -73,7 +91,7 @@ RES=$W/results.txt; : > "$RES"
 # interleaved within each workload.
 for wl in "${WORKLOADS[@]}"; do
   for s in "${SERVERS[@]}"; do
-    echo "$s $wl $(fio_run "${URI[$s]}" ${WL[$wl]})" >> "$RES"
+    echo "$s $wl $(fio_run "$(uri "$s" "${TARGET[$wl]}")" ${WL[$wl]})" >> "$RES"
   done
 done
 
@@ -92,12 +110,12 @@ python3 - "$RES" <<'PY'
 import sys
 rows = [l.split() for l in open(sys.argv[1])]
 res = {(s, wl): (float(m), float(i)) for s, wl, m, i in rows}
-wls = ["randwrite-4K-qd32", "seqwrite-1M-qd8", "randread-4K-qd32"]
+wls = ["randwrite-4K-qd32", "seqwrite-1M-qd8-fresh", "seqwrite-1M-qd8-over-random",
+       "randread-4K-qd32"]
 peers = ["qemu-qcow2", "nbdkit-cow"]
 print("| workload | imgcache | qemu-nbd qcow2 | nbdkit cow | imgcache ÷ best peer |")
 print("|---|---:|---:|---:|---:|")
 for wl in wls:
-    unit = 1 if wl.startswith("seq") else 1
     fmt = (lambda v: f"{v[0]/1024:.2f} GiB/s") if wl.startswith("seq") else (lambda v: f"{v[1]/1000:.1f}k IOPS")
     mine = res[("imgcache", wl)]
     best = max(res[(p, wl)][0] for p in peers)
