@@ -280,6 +280,76 @@ fn hydrate_never_overwrites_guest_data() {
     assert!(ov.is_fully_allocated());
 }
 
+/// A base that must never be read.
+struct NoBaseRead;
+impl BaseRead for NoBaseRead {
+    fn read_base(&self, offset: u64, _: &mut [u8]) -> io::Result<()> {
+        panic!("read the base at {offset} after a full hydrate")
+    }
+}
+
+fn read_no_base(ov: &Overlay, off: usize, len: usize) -> Vec<u8> {
+    let mut b = vec![0u8; len];
+    ov.read(off as u64, &mut b, &NoBaseRead).unwrap();
+    b
+}
+
+#[test]
+fn hydrate_fills_snapshots_that_still_read_the_base() {
+    let (_s, ov, base) = new_overlay(4);
+    ov.write(B as u64, &[1u8; B], false, &base).unwrap();
+    ov.snapshot("s").unwrap();
+    ov.write(0, &[2u8; B], false, &base).unwrap();
+    // Current: guest 0, guest 1, base 2-3; snapshot: base 0, guest 1, base 2-3.
+    assert_eq!(
+        ov.unallocated_ranges(0, u64::MAX, 10),
+        vec![(0, BLOCK), (2 * BLOCK, 2 * BLOCK)]
+    );
+
+    let n = ov.hydrate(0, &base[..4 * B]).unwrap();
+
+    assert_eq!(n, 3);
+    assert!(ov.is_fully_allocated());
+    // Blocks 2 and 3 are shared by both maps; block 0 of the snapshot has its own.
+    assert_eq!(ov.allocated_bytes(), 5 * BLOCK);
+    ov.revert("s").unwrap();
+    assert_eq!(read_no_base(&ov, 0, B), base[..B]);
+    assert_eq!(read_no_base(&ov, B, B), vec![1u8; B]);
+    assert_eq!(read_no_base(&ov, 2 * B, 2 * B), base[2 * B..4 * B]);
+}
+
+#[test]
+fn snapshot_fills_survive_reopen_after_sync_all() {
+    let (s, ov, base) = new_overlay(4);
+    ov.snapshot("s").unwrap();
+    ov.write(0, &[3u8; 4 * B], false, &base).unwrap();
+    ov.hydrate(0, &base[..4 * B]).unwrap();
+
+    ov.sync_all().unwrap();
+    drop(ov);
+    let ov = Overlay::open(Arc::new(s)).unwrap();
+
+    assert!(ov.is_fully_allocated());
+    let c = ov.clone_snapshot("s", Arc::new(SimStorage::new())).unwrap();
+    assert_eq!(read_no_base(&c, 0, 4 * B), base[..4 * B]);
+}
+
+#[test]
+fn unallocated_range_is_capped_and_skips_allocated_runs() {
+    let (_s, ov, base) = new_overlay(2048);
+    ov.write(0, &vec![1u8; 1000 * B], false, &base).unwrap();
+
+    let r = ov.next_unallocated(0, 16 * BLOCK);
+    let rest = ov.unallocated_ranges(0, u64::MAX, 10);
+
+    assert_eq!(r, Some((1000 * BLOCK, 16 * BLOCK)));
+    assert_eq!(rest, vec![(1000 * BLOCK, 1048 * BLOCK)]);
+    assert_eq!(
+        ov.next_unallocated(1040 * BLOCK + 100, BLOCK),
+        Some((1040 * BLOCK + 100, BLOCK - 100))
+    );
+}
+
 #[test]
 fn hydrate_rejects_unaligned_ranges() {
     let (_s, ov, base) = new_overlay(4);
