@@ -4,6 +4,10 @@
 //!
 //! - A flattened volume (and its snapshots) reads right with the store gone, the daemon
 //!   restarted and the image expunged.
+//! - `image create --from-volume` over an image in S3 makes a native image in S3 that shares
+//!   the base's chunks there (uploading only new ones) and reads like any remote image, here
+//!   and on a second daemon; a failed or interrupted creation leaves no row and no manifest,
+//!   and a later attempt reuses the chunks it uploaded.
 
 mod common;
 mod common_remote;
@@ -14,7 +18,10 @@ use std::time::{Duration, Instant};
 
 use common::{have, run_ok, write_image, Daemon};
 use common_remote::moto::Moto;
+use common_remote::range_server::RangeServerConfig;
 use common_remote::web::Web;
+use imgcache::store::spec::{open_store, StoreSpec};
+use imgcache::store::Store;
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
@@ -227,4 +234,296 @@ fn flattened_volume_of_an_s3_image_reads_right_with_moto_gone() {
     ]);
 
     flatten_then_lose_the_store(&mut d, &base, "s3", || drop(moto.take()));
+}
+
+// ---- images from volumes over remote images ----
+
+/// The test's own client of the S3 bucket the daemon uses (to look at what it holds).
+struct Bucket {
+    rt: tokio::runtime::Runtime,
+    store: std::sync::Arc<dyn Store>,
+}
+
+impl Bucket {
+    fn open(moto: &Moto, bucket: &str) -> Bucket {
+        let cfg = s3_config(moto, bucket);
+        let spec: StoreSpec = toml::from_str(cfg.split_once('\n').unwrap().1).unwrap();
+        Bucket {
+            rt: tokio::runtime::Runtime::new().unwrap(),
+            store: open_store("s3", &spec).unwrap(),
+        }
+    }
+
+    fn keys(&self, prefix: &str) -> Vec<String> {
+        self.rt.block_on(self.store.list(prefix)).unwrap()
+    }
+
+    fn has(&self, key: &str) -> bool {
+        self.rt.block_on(self.store.head(key)).unwrap().is_some()
+    }
+}
+
+/// Field `key` of a `key: value` line of the CLI's report.
+fn field(out: &str, key: &str) -> String {
+    out.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}:")))
+        .unwrap_or_else(|| panic!("no {key} in {out}"))
+        .trim()
+        .to_string()
+}
+
+fn digest(tool: &str, file: &Path) -> String {
+    let out = run_ok(Command::new(tool).arg(file));
+    out.split_whitespace().next().unwrap().to_string()
+}
+
+fn assert_same(d: &Daemon, a: &str, b: &str) {
+    run_ok(Command::new("qemu-img").args([
+        "compare",
+        "-f",
+        "raw",
+        "-F",
+        "raw",
+        &d.uri(a),
+        &d.uri(b),
+    ]));
+}
+
+fn image_names(d: &Daemon) -> Vec<String> {
+    let rows = json(d, &["image", "list", "--all", "--json"]);
+    rows.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn image_from_a_volume_of_an_s3_image_is_made_in_s3_sharing_the_base_chunks() {
+    require(&["qemu-io", "qemu-img", "nbdcopy", "md5sum", "sha256sum"]);
+    let mut moto = Some(Moto::start());
+    moto.as_ref().unwrap().create_bucket("images");
+    let bucket = Bucket::open(moto.as_ref().unwrap(), "images");
+    let cfg = s3_config(moto.as_ref().unwrap(), "images") + CACHE_CONFIG;
+    let d = Daemon::start_with_config(&cfg);
+    // Base: 8 MiB in 1 MiB chunks, chunk 2 a hole; it lives only in S3.
+    let f = d.dir.path().join("disk.raw");
+    write_image(&f, 8 * MIB, &[(2 * MIB, MIB)], 31);
+    d.cli_ok(&["image", "add", "seed", "--file", f.to_str().unwrap()]);
+    d.cli_ok(&["image", "push", "seed", "--store", "s3"]);
+    let base_manifest = d.show("seed")["manifest_key"].as_str().unwrap().to_string();
+    d.cli_ok(&["image", "delete", "seed"]);
+    d.cli_ok(&["image", "expunge", "seed"]);
+    d.cli_ok(&[
+        "image",
+        "add",
+        "base",
+        "--store",
+        "s3",
+        "--manifest",
+        &base_manifest,
+    ]);
+    let base_chunks = bucket.keys("chunks/").len();
+    assert_eq!(base_chunks, 7);
+    d.cli_ok(&["volume", "create", "v", "--image", "base"]);
+    qemu_io(&d, "volumes/v", &["write -P 0xab 4096 8192"]);
+    d.cli_ok(&["volume", "snapshot", "v", "s1"]);
+    qemu_io(&d, "volumes/v", &["write -P 0xcd 5M 64k"]);
+
+    let out_s1 = d.cli_ok(&["image", "create", "img-s1", "--from-volume", "v@s1"]);
+    let out_v = d.cli_ok(&["image", "create", "img-v", "--from-volume", "v"]);
+
+    assert_eq!(field(&out_s1, "store"), "s3", "{out_s1}");
+    assert!(
+        out_s1.contains("chunks: 8 (1 new, 6 shared, 1 holes)"),
+        "{out_s1}"
+    );
+    // Chunk 0 is shared with img-s1 now (found by head); chunk 5 is the only new one.
+    assert!(
+        out_v.contains("chunks: 8 (1 new, 6 shared, 1 holes)"),
+        "{out_v}"
+    );
+    assert!(!out_v.contains("note:"), "{out_v}");
+    assert_eq!(bucket.keys("chunks/").len(), base_chunks + 2);
+    let row = d.show("img-v");
+    assert_eq!(row["store"], "s3");
+    assert_eq!(row["source"]["kind"], "native");
+    assert_eq!(row["status"], "active");
+    let manifest = row["manifest_key"].as_str().unwrap().to_string();
+    assert!(
+        bucket.has(&manifest),
+        "no manifest {manifest} in the bucket"
+    );
+    // Content: equal to the volume, with the checksums the report gave.
+    let raw = d.dir.path().join("v.raw");
+    run_ok(Command::new("nbdcopy").args([&d.uri("volumes/v"), raw.to_str().unwrap()]));
+    assert_eq!(field(&out_v, "md5"), digest("md5sum", &raw));
+    assert_eq!(field(&out_v, "sha256"), digest("sha256sum", &raw));
+    assert_eq!(row["md5"], digest("md5sum", &raw));
+    assert_same(&d, "images/img-v", "volumes/v");
+    d.cli_ok(&["volume", "create", "c", "--snapshot", "v@s1"]);
+    assert_same(&d, "images/img-s1", "volumes/c");
+    // Usable like any remote image: a volume over it, and on another daemon by manifest.
+    d.cli_ok(&["volume", "create", "w", "--image", "img-v"]);
+    assert_same(&d, "volumes/w", "volumes/v");
+    let other = Daemon::start_with_config(&cfg);
+    other.cli_ok(&[
+        "image",
+        "add",
+        "elsewhere",
+        "--store",
+        "s3",
+        "--manifest",
+        &manifest,
+    ]);
+    let copy = other.dir.path().join("elsewhere.raw");
+    run_ok(Command::new("nbdcopy").args([&other.uri("images/elsewhere"), copy.to_str().unwrap()]));
+    assert!(
+        std::fs::read(&copy).unwrap() == std::fs::read(&raw).unwrap(),
+        "the image read on another daemon differs from the volume"
+    );
+    drop(other);
+
+    // With the store gone, creation fails and leaves no row.
+    qemu_io(&d, "volumes/v", &["write -P 0xef 7M 4k"]);
+    drop(moto.take());
+    let err = d.cli_err(&["image", "create", "img-fail", "--from-volume", "v"]);
+
+    assert!(err.contains("store operation failed"), "{err}");
+    assert_eq!(image_names(&d), ["base", "img-s1", "img-v"]);
+}
+
+#[test]
+fn interrupted_image_creation_in_s3_leaves_no_row_and_a_retry_reuses_its_chunks() {
+    let moto = Moto::start();
+    moto.create_bucket("images");
+    let bucket = Bucket::open(&moto, "images");
+    let d = Daemon::start_with_config(&(s3_config(&moto, "images") + CACHE_CONFIG));
+    // Base: a raw object on a slow HTTP server, 32 chunks of 256 KiB, 4 of them zero.
+    let root = d.dir.path().join("www");
+    std::fs::create_dir_all(&root).unwrap();
+    write_image(&root.join("disk.raw"), 8 * MIB, &[(MIB, MIB)], 41);
+    let mut slow = RangeServerConfig::new(&root);
+    slow.latency = Duration::from_millis(150);
+    let web = Web::start_with(slow);
+    let url = format!("{}/disk.raw", web.url);
+    d.cli_ok(&[
+        "image",
+        "add",
+        "base",
+        "--url",
+        &url,
+        "--chunk-size",
+        "256K",
+    ]);
+    d.cli_ok(&["volume", "create", "v", "--image", "base"]);
+
+    let mut cli = Command::new(common::bin())
+        .args([
+            "image",
+            "create",
+            "part",
+            "--from-volume",
+            "v",
+            "--store",
+            "s3",
+        ])
+        .env("IMGCACHE_STATE_DIR", &d.state)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while bucket.keys("chunks/").len() < 3 {
+        assert!(Instant::now() < deadline, "no chunk uploaded within 60 s");
+        assert!(
+            cli.try_wait().unwrap().is_none(),
+            "the creation ended before it was interrupted"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cli.kill().unwrap();
+    cli.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while image_names(&d).contains(&"part".to_string()) {
+        assert!(
+            Instant::now() < deadline,
+            "the interrupted image's row stays"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let left = bucket.keys("chunks/").len();
+
+    assert!(
+        bucket.keys("manifests/").is_empty(),
+        "{:?}",
+        bucket.keys("manifests/")
+    );
+    assert!((3..28).contains(&left), "{left} chunks left behind");
+
+    let out = d.cli_ok(&[
+        "image",
+        "create",
+        "full",
+        "--from-volume",
+        "v",
+        "--store",
+        "s3",
+    ]);
+
+    assert_eq!(field(&out, "store"), "s3", "{out}");
+    assert!(
+        out.contains(&format!(
+            "chunks: 32 ({} new, {left} shared, 4 holes)",
+            28 - left
+        )),
+        "{out}"
+    );
+    assert!(field(&out, "note").contains("raw object"), "{out}");
+    assert_eq!(bucket.keys("chunks/").len(), 28);
+    assert_eq!(bucket.keys("manifests/").len(), 1);
+    assert_eq!(image_names(&d), ["base", "full"]);
+}
+
+#[test]
+fn image_from_a_volume_of_a_raw_object_stays_local_and_says_why() {
+    require(&["qemu-img"]);
+    let d = Daemon::start();
+    let root = d.dir.path().join("www");
+    std::fs::create_dir_all(&root).unwrap();
+    write_image(&root.join("disk.raw"), 2 * MIB, &[], 51);
+    let web = Web::start(&root);
+    let url = format!("{}/disk.raw", web.url);
+    d.cli_ok(&[
+        "image",
+        "add",
+        "base",
+        "--url",
+        &url,
+        "--chunk-size",
+        "256K",
+    ]);
+    d.cli_ok(&["volume", "create", "v", "--image", "base"]);
+
+    let out = d.cli_ok(&["image", "create", "img", "--from-volume", "v"]);
+    let err = d.cli_err(&[
+        "image",
+        "create",
+        "x",
+        "--from-volume",
+        "v",
+        "--store",
+        "nope",
+    ]);
+
+    assert_eq!(field(&out, "store"), "local", "{out}");
+    assert!(
+        out.contains("chunks: 8 (8 new, 0 shared, 0 holes)"),
+        "{out}"
+    );
+    assert!(field(&out, "note").contains("raw object"), "{out}");
+    assert_eq!(d.show("img")["store"], "local");
+    assert_same(&d, "images/img", "volumes/v");
+    assert!(err.contains("no store named \"nope\""), "{err}");
+    assert_eq!(image_names(&d), ["base", "img"]);
 }

@@ -16,23 +16,26 @@ pub struct Web {
 
 impl Web {
     pub fn start(root: &Path) -> Web {
+        Web::start_with(RangeServerConfig::new(root))
+    }
+
+    /// Serve with `config` (latency, bandwidth cap).
+    pub fn start_with(config: RangeServerConfig) -> Web {
+        let root = config.root.clone();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .unwrap();
         let server = rt
-            .block_on(RangeServer::start(
-                RangeServerConfig::new(root),
-                "127.0.0.1:0".parse().unwrap(),
-            ))
+            .block_on(RangeServer::start(config, "127.0.0.1:0".parse().unwrap()))
             .unwrap();
         let url = server.url();
         Web {
             rt: Some(rt),
             server: Some(server),
             url,
-            root: root.to_path_buf(),
+            root,
         }
     }
 
