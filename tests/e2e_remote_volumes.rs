@@ -107,8 +107,8 @@ fn wait_flattened(d: &Daemon, vol: &str) -> Value {
 
 /// Volume `v` (12 MiB) over image `base` (remote, bytes `base`), written before and after
 /// snapshot `s1`, flattened; then `stop_store` stops the store, the daemon restarts, and the
-/// image is expunged (its cached chunks go with it). The volume, a clone of `s1` and the
-/// volume reverted to `s1` must all read right.
+/// image is expunged (its cached chunks go with it). The volume, a clone of `s1`, an image
+/// made from `s1` and the volume reverted to `s1` must all read right.
 fn flatten_then_lose_the_store(
     d: &mut Daemon,
     base: &[u8],
@@ -174,6 +174,9 @@ fn flatten_then_lose_the_store(
     assert_export_is(d, "volumes/v", &want);
     d.cli_ok(&["volume", "create", "c", "--snapshot", "v@s1"]);
     assert_export_is(d, "volumes/c", &want_s1);
+    let out = d.cli_ok(&["image", "create", "img-s1", "--from-volume", "v@s1"]);
+    assert!(out.contains("store:  local"), "{out}");
+    assert_export_is(d, "images/img-s1", &want_s1);
     d.cli_ok(&["volume", "revert", "v", "s1"]);
     assert_export_is(d, "volumes/v", &want_s1);
 }

@@ -6,7 +6,7 @@
 //! not change hash to the base image's chunks, so the new image shares them with its base and
 //! only the changed chunks are written.
 //!
-//! Where the image goes ([`Daemon::target_of_image_from_volume`]): `--store` when given (any
+//! Where the image goes (`Daemon::target_of_image_from_volume`): `--store` when given (any
 //! configured store that can be written: `local`, a `dir` or an `s3` store); otherwise the
 //! base image's store when the base is a native image in a writable store, so a volume of an
 //! image in S3 makes an image in S3 that shares the base's chunks there; otherwise `local`.
@@ -23,32 +23,29 @@
 //! the commit leaves the manifest too; start-up removes the row and deletes that manifest
 //! (best effort, in the background).
 //!
-//! A snapshot is read through a temporary copy of its overlay blocks (in
-//! `STATE/volumes/<random id>/`, removed afterwards; a crash leaves a directory no volume
-//! row names, which the start-up sweep removes).
+//! A snapshot is read in place through a [`SnapshotVolume`] (an
+//! [`crate::overlay::SnapshotView`]): nothing is copied; the overlay's blocks are pinned
+//! (none is freed or reused) until the image is made, while the volume goes on being written,
+//! snapshotted, or has that snapshot deleted.
 //!
 //! Like an add, the new row is inserted `importing` first (reserving the name) and ends
 //! committed or removed, with the chunks it wrote deleted (local store) or kept (remote).
 
 use std::collections::HashSet;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 use super::{Daemon, DaemonError, LOCAL_STORE};
-use crate::catalog::{
-    validate_name, FinishRegister, ImageAttributes, ImageRecord, ImageSource, VolumeId,
-};
+use crate::catalog::{validate_name, FinishRegister, ImageAttributes, ImageRecord, ImageSource};
 use crate::config::check_chunk_size;
 use crate::device::BlockDevice;
 use crate::image::{import_device, ChunkLedger, ImportOptions, Imported, IsReferenced, Progress};
-use crate::overlay::storage::DirStorage;
-use crate::overlay::Overlay;
+use crate::overlay::volume::SnapshotVolume;
+use crate::overlay::OverlayError;
 use crate::store::Store;
 use crate::types::{Digest, ImageId};
-use crate::volume::VolumeDevice;
 
 /// `POST /v1/images` with `volume`: make an image from a volume or snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -103,26 +100,6 @@ struct Target {
 impl Target {
     fn is_local(&self) -> bool {
         self.name == LOCAL_STORE
-    }
-}
-
-/// A temporary overlay holding a snapshot's copy; removed on drop.
-struct TempOverlay {
-    dir: PathBuf,
-    overlay: Option<Arc<Overlay>>,
-}
-
-impl Drop for TempOverlay {
-    fn drop(&mut self) {
-        if let Some(ov) = self.overlay.take() {
-            if let Ok(ov) = Arc::try_unwrap(ov) {
-                let _ = ov.close();
-            }
-        }
-        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
-            tracing::warn!(dir = %self.dir.display(), error = %e,
-                "cannot remove a snapshot's temporary copy; the next start-up will");
-        }
     }
 }
 
@@ -230,7 +207,7 @@ impl Daemon {
     }
 
     /// Make a new image whose content is volume (or snapshot) `req.volume` now, in the store
-    /// [`Daemon::target_of_image_from_volume`] picks.
+    /// `target_of_image_from_volume` picks (see the module docs).
     /// Runs to completion (or cleanup) on its own task even if the future is dropped.
     pub async fn image_from_volume(
         self: &Arc<Self>,
@@ -268,42 +245,28 @@ impl Daemon {
             .target_of_image_from_volume(req.store.as_deref(), base.as_ref())
             .await?;
 
-        // Resolve the device (and copy the snapshot) under the admin lock, so the volume
-        // or snapshot cannot be deleted half-way through.
-        let (device, temp): (Arc<dyn BlockDevice>, Option<TempOverlay>) = {
+        // Resolve the device under the admin lock, so the volume or snapshot cannot be
+        // deleted meanwhile; afterwards a snapshot view pins what it reads.
+        let device: Arc<dyn BlockDevice> = {
             let _admin = self.volumes.admin.lock().await;
             let dev = self.volume_device(&row).await?;
             match &snap {
-                None => (dev, None),
+                None => dev,
                 Some(snap) => {
-                    let overlay = dev.overlay().clone();
-                    if !overlay.list_snapshots().iter().any(|s| &s.name == snap) {
-                        return Err(DaemonError::NotFound(format!(
+                    let view = dev.overlay().snapshot_view(snap).map_err(|e| match e {
+                        OverlayError::SnapshotNotFound(_) => DaemonError::NotFound(format!(
                             "volume {:?} has no snapshot {snap:?} (see `imgcache volume snapshots {}`)",
                             row.name, row.name
-                        )));
-                    }
-                    let dir = self.volumes.overlay_dir(VolumeId::random())?;
-                    let mut temp = TempOverlay {
-                        dir: dir.clone(),
-                        overlay: None,
-                    };
-                    let s = snap.clone();
-                    let copy = tokio::task::spawn_blocking(move || {
-                        let storage = DirStorage::create_dir(&dir)?;
-                        Ok::<_, std::io::Error>(overlay.clone_snapshot(&s, Arc::new(storage))?)
-                    })
-                    .await
-                    .map_err(|e| DaemonError::Internal(format!("snapshot copy failed: {e}")))?
-                    .map_err(|source| DaemonError::Io {
-                        context: format!("cannot read snapshot {snap:?} of volume {:?}", row.name),
-                        source,
+                        )),
+                        e => DaemonError::Io {
+                            context: format!(
+                                "cannot read snapshot {snap:?} of volume {:?}",
+                                row.name
+                            ),
+                            source: e.into(),
+                        },
                     })?;
-                    let copy = Arc::new(copy);
-                    temp.overlay = Some(copy.clone());
-                    let d: Arc<dyn BlockDevice> =
-                        Arc::new(VolumeDevice::new(copy, dev.base().clone()));
-                    (d, Some(temp))
+                    Arc::new(SnapshotVolume::new(view, dev.base().clone()))
                 }
             }
         };
@@ -343,7 +306,6 @@ impl Daemon {
                     opts,
                 )
                 .await?;
-                drop(temp);
                 let image = if target.is_local() {
                     this.commit_import(id, &imported, guard).await?
                 } else {

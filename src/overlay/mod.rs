@@ -5,7 +5,8 @@
 //! [`Mapping`] (the answer to "where do these bytes live?"), [`ReadPlan`] (mappings plus the
 //! guarantee that the overlay blocks they name stay valid while it lives), the storage traits
 //! in [`storage`] and the crash simulator in [`sim`]. [`volume::OverlayVolume`] serves an
-//! overlay plus its base as a [`crate::device::BlockDevice`].
+//! overlay plus its base as a [`crate::device::BlockDevice`]; [`SnapshotView`] reads one
+//! snapshot in place (and [`volume::SnapshotVolume`] serves it, read-only).
 //!
 //! Design (byte layouts in `docs/overlay-format.md`):
 //! - 4 KiB blocks. Every logical block is `Base` (read the base), `Zero` (reads zeros, never
@@ -39,6 +40,7 @@ pub mod harness;
 pub mod map;
 pub mod sim;
 pub mod storage;
+pub mod view;
 pub mod volume;
 
 #[cfg(test)]
@@ -55,6 +57,7 @@ use crate::error::{Classify, ErrorKind};
 use format::{Checkpoint, Record, StoredMap, Superblock, MAX_SNAPSHOT_NAME, SUPER_SLOT_LEN};
 use map::{BlockMap, Entry, BLOCK, MAX_PHYS};
 use storage::{DirStorage, OverlayFile, OverlayStorage};
+pub use view::SnapshotView;
 
 /// Largest virtual size an overlay supports (64 TiB).
 pub const MAX_SIZE: u64 = 1 << 46;
@@ -248,7 +251,8 @@ struct Meta {
     pending: Vec<(u64, Record)>,
     /// Decrements waiting for the record (sequence number) that caused them to be durable.
     deferred: VecDeque<(u64, u32)>,
-    /// While non-zero, no block is freed (a clone is reading blocks without the gate).
+    /// While non-zero, no reference count is decremented, so no block is freed, reused or
+    /// overwritten in place: a clone or a [`SnapshotView`] is reading blocks without the gate.
     pins: usize,
     /// While loading (replay), reference counting is off; counts are rebuilt afterwards.
     loading: bool,
@@ -728,70 +732,12 @@ impl Overlay {
         let gate = self.gate.read();
         let meta = self.meta.lock();
         meta.check_range(offset, len)?;
-        let mut out: Vec<Mapping> = Vec::new();
-        let end = offset + len;
-        let mut pos = offset;
-        let mut push = |m: Mapping| {
-            if let Some(last) = out.last_mut() {
-                match (last, m) {
-                    (Mapping::Zero { len, .. }, Mapping::Zero { len: n, .. })
-                    | (Mapping::Base { len, .. }, Mapping::Base { len: n, .. }) => {
-                        *len += n;
-                        return;
-                    }
-                    (
-                        Mapping::Overlay { phys_off, len, .. },
-                        Mapping::Overlay {
-                            phys_off: p2,
-                            len: n,
-                            ..
-                        },
-                    ) if *phys_off + *len == p2 => {
-                        *len += n;
-                        return;
-                    }
-                    _ => {}
-                }
-            }
-            out.push(m);
-        };
-        while pos < end {
-            let l = pos / BLOCK;
-            let within = pos % BLOCK;
-            let n = (BLOCK - within).min(end - pos);
-            match meta.current.get(l) {
-                Entry::Data(p) => push(Mapping::Overlay {
-                    offset: pos,
-                    phys_off: p as u64 * BLOCK + within,
-                    len: n,
-                }),
-                Entry::Zero => push(Mapping::Zero {
-                    offset: pos,
-                    len: n,
-                }),
-                Entry::Base => {
-                    let from_base = meta.base_len.saturating_sub(pos).min(n);
-                    if from_base > 0 {
-                        push(Mapping::Base {
-                            offset: pos,
-                            len: from_base,
-                        });
-                    }
-                    if from_base < n {
-                        push(Mapping::Zero {
-                            offset: pos + from_base,
-                            len: n - from_base,
-                        });
-                    }
-                }
-            }
-            pos += n;
-        }
+        let mappings = map_range(&meta.current, meta.base_len, offset, len);
         drop(meta);
         Ok(ReadPlan {
             overlay: self,
             _gate: gate,
-            mappings: out,
+            mappings,
         })
     }
 
@@ -1411,6 +1357,71 @@ impl Overlay {
         dst.checkpoint(&mut dst.flush.lock())?;
         Ok(dst)
     }
+}
+
+/// Where the bytes `offset .. offset+len` (inside the map's volume) live according to `map`
+/// over a base of `base_len` bytes, in order, adjacent pieces of the same kind merged.
+fn map_range(map: &BlockMap, base_len: u64, offset: u64, len: u64) -> Vec<Mapping> {
+    let mut out: Vec<Mapping> = Vec::new();
+    let end = offset + len;
+    let mut pos = offset;
+    let mut push = |m: Mapping| {
+        if let Some(last) = out.last_mut() {
+            match (last, m) {
+                (Mapping::Zero { len, .. }, Mapping::Zero { len: n, .. })
+                | (Mapping::Base { len, .. }, Mapping::Base { len: n, .. }) => {
+                    *len += n;
+                    return;
+                }
+                (
+                    Mapping::Overlay { phys_off, len, .. },
+                    Mapping::Overlay {
+                        phys_off: p2,
+                        len: n,
+                        ..
+                    },
+                ) if *phys_off + *len == p2 => {
+                    *len += n;
+                    return;
+                }
+                _ => {}
+            }
+        }
+        out.push(m);
+    };
+    while pos < end {
+        let l = pos / BLOCK;
+        let within = pos % BLOCK;
+        let n = (BLOCK - within).min(end - pos);
+        match map.get(l) {
+            Entry::Data(p) => push(Mapping::Overlay {
+                offset: pos,
+                phys_off: p as u64 * BLOCK + within,
+                len: n,
+            }),
+            Entry::Zero => push(Mapping::Zero {
+                offset: pos,
+                len: n,
+            }),
+            Entry::Base => {
+                let from_base = base_len.saturating_sub(pos).min(n);
+                if from_base > 0 {
+                    push(Mapping::Base {
+                        offset: pos,
+                        len: from_base,
+                    });
+                }
+                if from_base < n {
+                    push(Mapping::Zero {
+                        offset: pos + from_base,
+                        len: n - from_base,
+                    });
+                }
+            }
+        }
+        pos += n;
+    }
+    out
 }
 
 /// The valid superblock slot with the highest generation.

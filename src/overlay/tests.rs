@@ -513,3 +513,76 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn snapshot_view_stays_right_while_the_volume_changes_and_the_snapshot_goes() {
+    const BLOCKS: usize = 64;
+    let (_s, ov, base) = new_overlay(BLOCKS);
+    let ov = Arc::new(ov);
+    ov.write(0, &[1u8; 8 * B], false, &base).unwrap();
+    ov.write(10 * BLOCK + 100, &[2u8; 5000], false, &base)
+        .unwrap();
+    ov.trim(20 * BLOCK, 4 * BLOCK, false, &base).unwrap();
+    ov.hydrate(30 * BLOCK, &base[30 * B..32 * B]).unwrap();
+    ov.snapshot("s1").unwrap();
+    let want = read(&ov, &base, 0, BLOCKS * B);
+    let view = ov.snapshot_view("s1").unwrap();
+    let done = std::sync::atomic::AtomicBool::new(false);
+
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let mut rng = SimRng::new(11);
+            // Make s1's blocks its own, then drop s1: unpinned, they would be freed here...
+            ov.write(0, &[3u8; 8 * B], false, &base).unwrap();
+            ov.write(10 * BLOCK, &[4u8; 2 * B], false, &base).unwrap();
+            ov.snapshot("s2").unwrap();
+            ov.delete_snapshot("s1").unwrap();
+            ov.flush().unwrap();
+            // ...and reused by these writes.
+            for i in 0..300u64 {
+                let off = rng.below((BLOCKS * B) as u64 - 3 * BLOCK);
+                let len = 1 + rng.below(3 * BLOCK) as usize;
+                let byte = 5 + (i % 200) as u8;
+                match i % 12 {
+                    0 => ov.trim(off, len as u64, false, &base).unwrap(),
+                    1 => ov.flush().unwrap(),
+                    2 => {
+                        let b = rng.below(BLOCKS as u64) as usize;
+                        ov.hydrate(b as u64 * BLOCK, &base[b * B..(b + 1) * B])
+                            .unwrap();
+                    }
+                    _ => ov.write(off, &vec![byte; len], i % 7 == 0, &base).unwrap(),
+                }
+                if i == 150 {
+                    ov.snapshot("s3").unwrap();
+                    ov.delete_snapshot("s2").unwrap();
+                }
+            }
+            ov.flush().unwrap();
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+        let mut rng = SimRng::new(12);
+        let mut reads = 0;
+        while !done.load(std::sync::atomic::Ordering::SeqCst) || reads < 200 {
+            let off = rng.below((BLOCKS * B) as u64) as usize;
+            let len = 1 + rng.below((4 * B).min(BLOCKS * B - off) as u64) as usize;
+            let mut got = vec![0u8; len];
+            view.read(off as u64, &mut got, &base).unwrap();
+            assert!(got == want[off..off + len], "view read {off}+{len} changed");
+            reads += 1;
+        }
+    });
+    let mut all = vec![0u8; BLOCKS * B];
+    view.read(0, &mut all, &base).unwrap();
+    let pinned = ov.allocated_bytes();
+    drop(view);
+    ov.flush().unwrap();
+
+    assert!(all == want, "the view's content changed");
+    assert_eq!(ov.list_snapshots()[0].name, "s3");
+    assert!(
+        ov.allocated_bytes() < pinned,
+        "s1's blocks are released once the view is gone ({} of {pinned})",
+        ov.allocated_bytes()
+    );
+}
