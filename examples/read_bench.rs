@@ -62,6 +62,7 @@ fn main() -> anyhow::Result<()> {
             expected: None,
             progress: None,
             cancel: Arc::new(AtomicBool::new(false)),
+            known_present: None,
         },
     ))?;
     let el = t.elapsed().as_secs_f64();

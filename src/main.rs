@@ -278,6 +278,10 @@ struct CreateArgs {
     /// Chunk size, a power of two from 64K to 16M [default: the base image's]
     #[arg(long, value_name = "SIZE", value_parser = parse_chunk_size)]
     chunk_size: Option<u32>,
+    /// Store to make the image in [default: the base image's store when it can share the
+    /// base's chunks there (a native image in a dir or s3 store), else local]
+    #[arg(long, value_name = "STORE")]
+    store: Option<String>,
     /// Attributes not given are copied from the volume's base image
     #[command(flatten)]
     attrs: AttrArgs,
@@ -607,7 +611,7 @@ async fn create_from_volume(client: &Client, args: CreateArgs) -> anyhow::Result
     let req = AddImageRequest {
         name: args.name,
         file: None,
-        store: None,
+        store: args.store,
         manifest: None,
         url: None,
         volume: Some(args.from_volume),
@@ -622,6 +626,7 @@ async fn create_from_volume(client: &Client, args: CreateArgs) -> anyhow::Result
     let row = &r.image;
     let mut out = format!("created image {} from volume {}\n", row.name, r.source);
     out += &format!("id:     {}\n", row.id);
+    out += &format!("store:  {}\n", r.store);
     out += &format!(
         "size:   {} ({} bytes)\n",
         format_size(row.virtual_size),
@@ -633,6 +638,9 @@ async fn create_from_volume(client: &Client, args: CreateArgs) -> anyhow::Result
     );
     out += &format!("md5:    {}\n", row.md5.as_deref().unwrap_or("-"));
     out += &format!("sha256: {}\n", row.sha256.as_deref().unwrap_or("-"));
+    if let Some(note) = &r.note {
+        out += &format!("note:   {note}\n");
+    }
     print_out(&out)
 }
 

@@ -4,7 +4,9 @@
 //!
 //! Invariants: all connections to one volume share one `VolumeDevice` (so one overlay, and a
 //! FLUSH on any connection covers writes acknowledged on all); flattening only ever fills
-//! blocks still in the `Base` state ([`Overlay::hydrate`]), so a racing guest write wins.
+//! blocks still in the `Base` state ([`Overlay::hydrate`]), so a racing guest write wins, and
+//! fills them in the snapshots too, so a flattened volume's snapshots (revert, clone, image
+//! from a snapshot) never need the image either.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -190,7 +192,8 @@ impl Default for FlattenOptions {
     }
 }
 
-/// Copy every block of `dev` that still reads from its base into the overlay, then flush.
+/// Copy every block of `dev` that still reads from its base (in the volume or in any of its
+/// snapshots) into the overlay, then write a checkpoint.
 /// Gives way to guest I/O (pauses while `dev.io_count()` moves) and keeps under
 /// `opts.rate`. Returns `Ok(true)` when the volume no longer reads from its base, `Ok(false)`
 /// when cancelled.
@@ -214,10 +217,9 @@ pub async fn flatten(
         if progress.cancel.load(Ordering::Relaxed) {
             return Ok(false);
         }
-        let Some(&(off, len)) = overlay.unallocated_ranges(pos, u64::MAX, 1).first() else {
+        let Some((off, len)) = overlay.next_unallocated(pos, step) else {
             break;
         };
-        let len = len.min(step);
         let seen = dev.io_count();
         // Whole blocks (the last block of an unaligned base is padded with zeros).
         let block = crate::overlay::map::BLOCK;
@@ -255,8 +257,9 @@ pub async fn flatten(
             }
         }
     }
+    // A checkpoint, not just a flush: the snapshots' fills are not journaled.
     let ov = overlay.clone();
-    tokio::task::spawn_blocking(move || ov.flush())
+    tokio::task::spawn_blocking(move || ov.sync_all())
         .await
         .map_err(io::Error::other)?
         .map_err(io::Error::from)?;
@@ -311,6 +314,39 @@ mod tests {
         want[5000..5005].copy_from_slice(b"guest");
         assert!(got == want, "flattened volume reads differ");
         assert!(progress.done.load(Ordering::Relaxed) >= progress.total.load(Ordering::Relaxed));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn flattened_snapshots_read_without_the_base() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = base(2 << 20);
+        let ov = Arc::new(Overlay::create_dir(dir.path(), 2 << 20, b.len() as u64).unwrap());
+        let dev = Arc::new(VolumeDevice::new(ov.clone(), Arc::new(MemBase(b.clone()))));
+        let w = dev.writable().unwrap();
+        w.write(0, &[1u8; 8192], false).await.unwrap();
+        ov.snapshot("s").unwrap();
+        w.write(1 << 20, &[2u8; 65536], false).await.unwrap();
+
+        let full = flatten(dev.clone(), FlattenOptions::default(), Arc::default())
+            .await
+            .unwrap();
+
+        assert!(full);
+        ov.revert("s").unwrap();
+        let flat = VolumeDevice::new(
+            ov.clone(),
+            Arc::new(NoBase {
+                len: b.len() as u64,
+            }),
+        );
+        let mut got = vec![0u8; 2 << 20];
+        flat.read(0, &mut got).await.unwrap();
+        let mut want = b.clone();
+        want[..8192].fill(1);
+        assert!(
+            got == want,
+            "the snapshot reads differently after the flatten"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -163,7 +163,7 @@ fn image_from_snapshot_equals_the_snapshot_not_the_volume() {
         !cmp.status.success(),
         "the snapshot predates the write at 5M"
     );
-    // The snapshot's temporary copy is gone: only v and c have overlays.
+    // Nothing was copied for the snapshot: only v and c have overlays.
     assert_eq!(count_dirs(&d.state.join("volumes")), 2);
 }
 

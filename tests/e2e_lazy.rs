@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::{have, run_ok, write_image, Daemon};
 use common_remote::moto::Moto;
-use common_remote::range_server::{RangeServer, RangeServerConfig};
+use common_remote::web::Web;
 use imgcache::store::spec::{open_store, StoreSpec};
 use serde_json::Value;
 
@@ -28,57 +28,6 @@ fn require(tools: &[&str]) {
             have(t),
             "{t} is not installed: run the suite with scripts/test.sh, which installs it"
         );
-    }
-}
-
-/// A range server on its own runtime; [`Web::kill`] stops it and every open connection.
-struct Web {
-    rt: Option<tokio::runtime::Runtime>,
-    server: Option<RangeServer>,
-    url: String,
-    root: PathBuf,
-}
-
-impl Web {
-    fn start(root: &Path) -> Web {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let server = rt
-            .block_on(RangeServer::start(
-                RangeServerConfig::new(root),
-                "127.0.0.1:0".parse().unwrap(),
-            ))
-            .unwrap();
-        let url = server.url();
-        Web {
-            rt: Some(rt),
-            server: Some(server),
-            url,
-            root: root.to_path_buf(),
-        }
-    }
-
-    fn requests(&self) -> u64 {
-        self.server.as_ref().map_or(0, |s| s.requests())
-    }
-
-    /// Stop answering: the listener and all connections go away.
-    fn kill(&mut self) {
-        let _guard = self.rt.as_ref().map(|rt| rt.enter());
-        drop(self.server.take());
-        drop(_guard);
-        if let Some(rt) = self.rt.take() {
-            rt.shutdown_background();
-        }
-    }
-}
-
-impl Drop for Web {
-    fn drop(&mut self) {
-        self.kill();
     }
 }
 

@@ -238,11 +238,10 @@ async fn add_image(
 ) -> Result<Response, Failure> {
     let Json(req) = body?;
     if let Some(volume) = req.volume {
-        if req.file.is_some() || req.store.is_some() || req.manifest.is_some() || req.url.is_some()
-        {
+        if req.file.is_some() || req.manifest.is_some() || req.url.is_some() {
             return Err(Failure::new(
                 ErrorKind::InvalidInput,
-                "a volume cannot be combined with a file, store, manifest or URL",
+                "a volume cannot be combined with a file, manifest or URL",
             ));
         }
         if req.checksum.is_some() {
@@ -257,6 +256,7 @@ async fn add_image(
             volume,
             chunk_size: req.chunk_size,
             attributes: req.attributes,
+            store: req.store,
         };
         let c = cancel.clone();
         return Ok(progress_stream(cancel, move |progress| async move {

@@ -31,7 +31,8 @@ pub struct AddImageRequest {
     /// Absolute path of a raw file on the daemon's host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file: Option<PathBuf>,
-    /// A configured store holding the image's manifest and chunks.
+    /// A configured store holding the image's manifest and chunks; with `volume`, the
+    /// store to make the image in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store: Option<String>,
     /// The manifest's key in `store`.

@@ -64,10 +64,14 @@ pub struct FinishImport {
     pub manifest_key: String,
 }
 
-/// What registering an image that lives elsewhere sets on its row (nothing is copied).
+/// What registering an image that lives in another store sets on its row: its chunks are
+/// not the local store's, so the catalog counts no references to them.
 #[derive(Debug, Clone)]
 pub struct FinishRegister {
     pub virtual_size: u64,
+    /// Bytes of the image's distinct chunks when known (an image made into a remote store),
+    /// else 0.
+    pub stored_size: u64,
     pub chunk_size: u32,
     /// Lower-case hex, when the user gave one (unverified).
     pub md5: Option<String>,
@@ -220,9 +224,9 @@ impl Catalog {
         })
     }
 
-    /// Mark an importing row active as an image registered in place: its bytes stay in a
-    /// remote store or object and the catalog references no local chunks (its chunk list is
-    /// empty). The row must be `importing` (else `Conflict`).
+    /// Mark an importing row active as an image whose bytes are in a remote store or object
+    /// (registered in place, or made there from a volume): the catalog references no local
+    /// chunks for it (its chunk list is empty). The row must be `importing` (else `Conflict`).
     pub fn finish_register(
         &self,
         id: ImageId,
@@ -237,7 +241,7 @@ impl Catalog {
                 )));
             }
             rec.virtual_size = facts.virtual_size;
-            rec.stored_size = 0;
+            rec.stored_size = facts.stored_size;
             rec.chunk_size = facts.chunk_size;
             rec.md5 = facts.md5.as_ref().map(|s| s.to_ascii_lowercase());
             rec.sha256 = facts.sha256.as_ref().map(|s| s.to_ascii_lowercase());

@@ -1080,6 +1080,7 @@ fn registered_object_image_is_active_and_references_no_chunks() {
         .unwrap();
     let facts = FinishRegister {
         virtual_size: 5 << 20,
+        stored_size: 0,
         chunk_size: 1 << 20,
         md5: None,
         sha256: Some("AB".repeat(32)),
@@ -1105,6 +1106,7 @@ fn finishing_a_registration_twice_is_a_conflict() {
     let rec = add(&cat, "twice");
     let facts = FinishRegister {
         virtual_size: 1 << 20,
+        stored_size: 0,
         chunk_size: 1 << 20,
         md5: None,
         sha256: None,

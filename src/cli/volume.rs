@@ -268,6 +268,16 @@ fn format_show(v: &VolumeInfo) -> String {
         ("snapshots", v.snapshots.join(", ")),
         ("origin", r.origin.clone().unwrap_or_else(|| "-".into())),
         ("flattened", r.flattened.to_string()),
+        (
+            "reads from",
+            match &v.base_store {
+                Some(store) => format!("image {} in store {store}", r.image_name),
+                None if r.flattened => {
+                    "its own overlay only (needs neither the image nor a store)".into()
+                }
+                None => "-".into(),
+            },
+        ),
         ("flatten", flatten),
         ("connections", v.connections.to_string()),
     ];

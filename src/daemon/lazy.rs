@@ -270,6 +270,7 @@ impl Daemon {
                     store,
                     FinishRegister {
                         virtual_size: manifest.size(),
+                        stored_size: 0,
                         chunk_size: manifest.chunk_size(),
                         md5,
                         sha256,
@@ -299,6 +300,7 @@ impl Daemon {
                     store_name,
                     FinishRegister {
                         virtual_size: size,
+                        stored_size: 0,
                         chunk_size,
                         md5,
                         sha256,

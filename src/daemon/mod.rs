@@ -252,6 +252,7 @@ impl Daemon {
                 self.catalog_call(move |c| c.remove_failed_import(id))
                     .await?;
                 report.interrupted_imports += 1;
+                self.forget_remote_manifest(&row);
             }
         }
         let (chunks, manifests) = self
@@ -264,6 +265,34 @@ impl Daemon {
         let volumes = self.catalog_call(|c| c.list_volumes()).await?;
         self.volumes.sweep_orphans(&volumes);
         Ok(report)
+    }
+
+    /// After an image made in a remote store was interrupted by a crash: delete the
+    /// manifest it may have uploaded (`manifests/<its id>`, a key no one else uses), in the
+    /// background and best effort, so an unreachable store does not hold up start-up. Its
+    /// chunks stay (see `from_volume`).
+    fn forget_remote_manifest(&self, row: &ImageRecord) {
+        if row.store == LOCAL_STORE || !row.source.is_native() {
+            return;
+        }
+        let key = crate::image::manifest_key(row.id);
+        if row.manifest_key != key {
+            return;
+        }
+        let Some(entry) = self.stores.get(&row.store).filter(|e| e.kind != "http") else {
+            return;
+        };
+        let (store, name) = (entry.store.clone(), row.store.clone());
+        tokio::spawn(async move {
+            match store.delete(&key).await {
+                Ok(()) => tracing::info!(store = %name, key = %key,
+                    "deleted the manifest of an interrupted image creation"),
+                Err(e) => {
+                    tracing::warn!(store = %name, key = %key, error = %crate::error::chain(&e),
+                    "cannot delete the manifest of an interrupted image creation; it stays in the store")
+                }
+            }
+        });
     }
 
     /// Images sorted by name; deleted ones (the recycle bin) only with `all`.
@@ -428,6 +457,7 @@ impl Daemon {
             expected,
             progress: Some(progress),
             cancel,
+            known_present: None,
         };
         let task = tokio::spawn(async move {
             let result = this.run_import(id, &file, opts).await;

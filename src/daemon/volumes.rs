@@ -93,6 +93,11 @@ pub struct VolumeInfo {
     /// Open NBD connections (exports) of the volume.
     pub connections: u64,
     pub flatten: Option<FlattenInfo>,
+    /// The store the volume's unwritten blocks are read from (its image's: `local`, or a
+    /// remote store read through the cache); `None` once flattened, when the volume and its
+    /// snapshots need neither the image nor any store.
+    #[serde(default)]
+    pub base_store: Option<String>,
 }
 
 fn invalid(msg: impl Into<String>) -> DaemonError {
@@ -341,10 +346,11 @@ impl Daemon {
 
     async fn volume_info(&self, record: VolumeRecord) -> Result<VolumeInfo, DaemonError> {
         let image_id = record.image_id.to_string();
-        let image_status = match self.catalog_call(move |c| c.get(&image_id)).await {
-            Ok(r) => r.status.to_string(),
-            Err(_) => "expunged".to_string(),
+        let (image_status, image_store) = match self.catalog_call(move |c| c.get(&image_id)).await {
+            Ok(r) => (r.status.to_string(), Some(r.store)),
+            Err(_) => ("expunged".to_string(), None),
         };
+        let base_store = if record.flattened { None } else { image_store };
         let open = self.volumes.open.lock().get(&record.id).cloned();
         let (allocated_bytes, snapshots, connections, flatten) = match &open {
             Some(v) => {
@@ -393,6 +399,7 @@ impl Daemon {
             image_status,
             connections,
             flatten,
+            base_store,
         })
     }
 

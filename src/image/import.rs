@@ -306,7 +306,8 @@ async fn run(
                         // Hold before looking: see ledger.rs.
                         state.guard.hold(d).await;
                         let key = chunk_key(&d);
-                        if state.store.head(&key).await?.is_none() {
+                        let known = opts.known_present.as_ref().is_some_and(|k| k.contains(&d));
+                        if !known && state.store.head(&key).await?.is_none() {
                             state.created.push(d);
                             while state.puts.len() >= PUTS_IN_FLIGHT {
                                 state.finish_oldest_put().await?;

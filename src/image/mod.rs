@@ -11,6 +11,7 @@
 //! `manifests/<image uuid>` ([`manifest_key`]). Chunks are immutable and content-addressed;
 //! all-zero chunks are never stored (they are holes in the manifest).
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -157,6 +158,10 @@ pub struct ImportOptions {
     pub progress: Option<Progress>,
     /// Set to true to cancel; the import then fails and cleans up.
     pub cancel: Arc<AtomicBool>,
+    /// Chunks the target store is known to hold (a base image's, in the base's remote
+    /// store): counted as shared without a `head` request. Only for stores whose chunks no
+    /// one deletes behind the import's back; the local store always asks.
+    pub known_present: Option<Arc<HashSet<Digest>>>,
 }
 
 impl ImportOptions {
@@ -167,6 +172,7 @@ impl ImportOptions {
             expected: None,
             progress: None,
             cancel: Arc::new(AtomicBool::new(false)),
+            known_present: None,
         }
     }
 }

@@ -149,6 +149,7 @@ mod tests {
                 expected: None,
                 progress: None,
                 cancel: Arc::new(AtomicBool::new(false)),
+                known_present: None,
             },
         )
         .await

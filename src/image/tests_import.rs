@@ -864,3 +864,51 @@ async fn nowait_path_works_on_disk_file_systems() {
         None => assert!(!img.has_nowait_path()),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_import_skips_head_for_chunks_known_present() {
+    use crate::device::mem::MemDevice;
+    use crate::store::fault::{Fault, FaultStore, Op, Rule, When};
+    use crate::store::mem::MemStore;
+    let data = patterned(&[1, 2, 0, 3], 100);
+    let known: HashSet<Digest> = data
+        .chunks(CSU)
+        .filter(|c| !import::is_all_zero(c))
+        .map(Digest::of)
+        .collect();
+    let store = Arc::new(FaultStore::new(Arc::new(MemStore::new()), 3));
+    store.add_rule(Rule::new(Fault::Permanent, When::Always, Some(Op::Head)));
+    let run = |known: Option<Arc<HashSet<Digest>>>| {
+        let store: Arc<dyn Store> = store.clone();
+        let dev: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(data.clone()));
+        async move {
+            import_device(
+                store,
+                Arc::new(ChunkLedger::new()),
+                Arc::new(|_: &Digest| true),
+                ImageId::random(),
+                dev,
+                "test device".into(),
+                ImportOptions {
+                    known_present: known,
+                    ..ImportOptions::new(CS)
+                },
+            )
+            .await
+        }
+    };
+
+    let all_known = run(Some(Arc::new(known.clone()))).await;
+    let mut some = known.clone();
+    let dropped = *some.iter().next().unwrap();
+    some.remove(&dropped);
+    let one_unknown = run(Some(Arc::new(some))).await;
+
+    let (imported, _guard) = all_known.expect("no head needed");
+    assert_eq!(imported.chunks_new, 0);
+    assert_eq!(imported.chunks_hole, 1);
+    assert!(
+        one_unknown.is_err(),
+        "the unknown chunk needs a head, which fails"
+    );
+}

@@ -196,6 +196,25 @@ impl BlockMap {
         }
         None
     }
+
+    /// First block at or after `l` (and before `end`) that is not `Base`, or `end`; skips
+    /// uniform `Base` chunks.
+    pub fn next_non_base(&self, mut l: u64, end: u64) -> u64 {
+        while l < end {
+            match self.chunks.get((l / CHUNK_BLOCKS) as usize) {
+                None => return end,
+                Some(Chunk::Uniform(0)) => l = (l / CHUNK_BLOCKS + 1) * CHUNK_BLOCKS,
+                Some(Chunk::Uniform(_)) => return l,
+                Some(Chunk::Mixed(a)) => {
+                    if a[(l % CHUNK_BLOCKS) as usize] != 0 {
+                        return l;
+                    }
+                    l += 1;
+                }
+            }
+        }
+        end
+    }
 }
 
 #[cfg(test)]

@@ -5,7 +5,8 @@
 //! [`Mapping`] (the answer to "where do these bytes live?"), [`ReadPlan`] (mappings plus the
 //! guarantee that the overlay blocks they name stay valid while it lives), the storage traits
 //! in [`storage`] and the crash simulator in [`sim`]. [`volume::OverlayVolume`] serves an
-//! overlay plus its base as a [`crate::device::BlockDevice`].
+//! overlay plus its base as a [`crate::device::BlockDevice`]; [`SnapshotView`] reads one
+//! snapshot in place (and [`volume::SnapshotVolume`] serves it, read-only).
 //!
 //! Design (byte layouts in `docs/overlay-format.md`):
 //! - 4 KiB blocks. Every logical block is `Base` (read the base), `Zero` (reads zeros, never
@@ -40,6 +41,7 @@ pub mod landing;
 pub mod map;
 pub mod sim;
 pub mod storage;
+pub mod view;
 pub mod volume;
 
 #[cfg(test)]
@@ -56,6 +58,7 @@ use crate::error::{Classify, ErrorKind};
 use format::{Checkpoint, Record, StoredMap, Superblock, MAX_SNAPSHOT_NAME, SUPER_SLOT_LEN};
 use map::{BlockMap, Entry, BLOCK, MAX_PHYS};
 use storage::{DirStorage, OverlayFile, OverlayStorage};
+pub use view::SnapshotView;
 
 /// Largest virtual size an overlay supports (64 TiB).
 pub const MAX_SIZE: u64 = 1 << 46;
@@ -257,7 +260,8 @@ struct Meta {
     pending: Vec<(u64, Record)>,
     /// Decrements waiting for the record (sequence number) that caused them to be durable.
     deferred: VecDeque<(u64, u32)>,
-    /// While non-zero, no block is freed (a clone is reading blocks without the gate).
+    /// While non-zero, no reference count is decremented, so no block is freed, reused or
+    /// overwritten in place: a clone or a [`SnapshotView`] is reading blocks without the gate.
     pins: usize,
     /// While loading (replay), reference counting is off; counts are rebuilt afterwards.
     loading: bool,
@@ -500,6 +504,36 @@ impl Meta {
         SPARE_MIN_BLOCKS.max((self.in_use / 8) as usize)
     }
 
+    /// Whether logical block `l` reads the base in the current map or in any snapshot.
+    fn reads_base(&self, l: u64) -> bool {
+        self.current.get(l) == Entry::Base
+            || self.snapshots.values().any(|s| s.map.get(l) == Entry::Base)
+    }
+
+    /// The first range of blocks at or after `offset` (and below `end`, a byte offset at most
+    /// `base_len`) that reads the base in some map, clipped to `offset .. end` and to
+    /// `max_len` bytes (rounded up to whole blocks).
+    fn next_base_range(&self, offset: u64, end: u64, max_len: u64) -> Option<(u64, u64)> {
+        let end_block = end.div_ceil(BLOCK);
+        let first = offset / BLOCK;
+        let maps = || std::iter::once(&self.current).chain(self.snapshots.values().map(|s| &s.map));
+        let s = maps().filter_map(|m| m.next_base(first, end_block)).min()?;
+        let cap = s.saturating_add(max_len.div_ceil(BLOCK)).min(end_block);
+        // The run ends at the first block where no map reads the base: move to the furthest
+        // "next non-Base block" of all maps until every map agrees (uniform chunks skip fast).
+        let mut e = s + 1;
+        loop {
+            let next = maps().map(|m| m.next_non_base(e, cap)).max().unwrap_or(cap);
+            if next == e {
+                break;
+            }
+            e = next;
+        }
+        let so = (s * BLOCK).max(offset);
+        let eo = (e * BLOCK).min(end);
+        Some((so, eo - so))
+    }
+
     fn check_range(&self, offset: u64, len: u64) -> Result<()> {
         match offset.checked_add(len) {
             Some(end) if end <= self.size => Ok(()),
@@ -700,8 +734,7 @@ impl Overlay {
 
     /// Flush and write a checkpoint, so the next open has no journal to replay.
     pub fn close(self) -> Result<()> {
-        self.flush()?;
-        self.checkpoint(&mut self.flush.lock())
+        self.sync_all()
     }
 
     /// Virtual size in bytes.
@@ -757,70 +790,12 @@ impl Overlay {
         let gate = self.gate.read();
         let meta = self.meta.lock();
         meta.check_range(offset, len)?;
-        let mut out: Vec<Mapping> = Vec::new();
-        let end = offset + len;
-        let mut pos = offset;
-        let mut push = |m: Mapping| {
-            if let Some(last) = out.last_mut() {
-                match (last, m) {
-                    (Mapping::Zero { len, .. }, Mapping::Zero { len: n, .. })
-                    | (Mapping::Base { len, .. }, Mapping::Base { len: n, .. }) => {
-                        *len += n;
-                        return;
-                    }
-                    (
-                        Mapping::Overlay { phys_off, len, .. },
-                        Mapping::Overlay {
-                            phys_off: p2,
-                            len: n,
-                            ..
-                        },
-                    ) if *phys_off + *len == p2 => {
-                        *len += n;
-                        return;
-                    }
-                    _ => {}
-                }
-            }
-            out.push(m);
-        };
-        while pos < end {
-            let l = pos / BLOCK;
-            let within = pos % BLOCK;
-            let n = (BLOCK - within).min(end - pos);
-            match meta.current.get(l) {
-                Entry::Data(p) => push(Mapping::Overlay {
-                    offset: pos,
-                    phys_off: p as u64 * BLOCK + within,
-                    len: n,
-                }),
-                Entry::Zero => push(Mapping::Zero {
-                    offset: pos,
-                    len: n,
-                }),
-                Entry::Base => {
-                    let from_base = meta.base_len.saturating_sub(pos).min(n);
-                    if from_base > 0 {
-                        push(Mapping::Base {
-                            offset: pos,
-                            len: from_base,
-                        });
-                    }
-                    if from_base < n {
-                        push(Mapping::Zero {
-                            offset: pos + from_base,
-                            len: n - from_base,
-                        });
-                    }
-                }
-            }
-            pos += n;
-        }
+        let mappings = map_range(&meta.current, meta.base_len, offset, len);
         drop(meta);
         Ok(ReadPlan {
             overlay: self,
             _gate: gate,
-            mappings: out,
+            mappings,
         })
     }
 
@@ -1069,10 +1044,16 @@ impl Overlay {
     }
 
     /// Store base data for a flattener: `data` is the base's content at `offset` (block
-    /// aligned; whole blocks, or up to the end of the device). Only blocks still in the `Base`
-    /// state (and inside the base) are filled; blocks the guest wrote, trimmed or that were
-    /// hydrated already are left alone, so it never clobbers a racing guest write. Returns the
-    /// number of blocks filled. Not durable until the next flush.
+    /// aligned; whole blocks, or up to the end of the device). Fills every block inside the
+    /// base that still reads from it, in the current map **and in every snapshot**: one
+    /// physical block per logical block, shared by all the maps that read the base there.
+    /// Blocks the guest wrote, trimmed or that were hydrated already are left alone, so it
+    /// never clobbers a racing guest write. Returns the number of logical blocks filled.
+    ///
+    /// Durability: the current map's fills are journaled (durable after the next flush); the
+    /// snapshots' fills are kept in memory and written by the next checkpoint
+    /// ([`Overlay::sync_all`]). A crash before that loses only the snapshots' fills: those
+    /// blocks then read the base again, which holds the same bytes.
     pub fn hydrate(&self, offset: u64, data: &[u8]) -> Result<u64> {
         self.check_ok()?;
         let len = data.len() as u64;
@@ -1088,11 +1069,14 @@ impl Overlay {
         }
         let first = offset / BLOCK;
         let last = (offset + len - 1) / BLOCK;
+        // Stripes keep guest writes off these blocks of the current map; the shared gate
+        // keeps snapshot and revert out. Only `delete_snapshot` may change the maps meanwhile.
         let _stripes = self.lock_stripes(first, last);
         let _gate = self.gate.read();
         let mut meta = self.meta.lock();
+        let base_blocks = meta.base_len.div_ceil(BLOCK);
         let todo: Vec<u64> = (first..=last)
-            .filter(|&l| meta.current.get(l) == Entry::Base && l * BLOCK < meta.base_len)
+            .filter(|&l| l < base_blocks && meta.reads_base(l))
             .collect();
         let fresh = meta.alloc(todo.len())?;
         drop(meta);
@@ -1113,48 +1097,74 @@ impl Overlay {
             meta.free.extend(fresh);
             return Err(e);
         }
+        let mut filled = 0u64;
         for (&l, &p) in todo.iter().zip(&fresh) {
-            meta.log(Record::SetRun {
-                l,
-                count: 1,
-                first: Entry::Data(p),
-            })?;
+            let mut refs = 0;
+            if meta.current.get(l) == Entry::Base {
+                meta.log(Record::SetRun {
+                    l,
+                    count: 1,
+                    first: Entry::Data(p),
+                })?;
+                refs += 1;
+            }
+            let mut snap_refs = 0;
+            for snap in meta.snapshots.values_mut() {
+                if snap.map.get(l) == Entry::Base {
+                    snap.map.set_run(l, 1, Entry::Data(p), &mut |_| {});
+                    snap_refs += 1;
+                }
+            }
+            for _ in 0..snap_refs {
+                meta.incref(p);
+            }
+            refs += snap_refs;
+            if refs == 0 {
+                // Its snapshot was deleted meanwhile: nothing points at the block.
+                meta.free.insert(p);
+            } else {
+                filled += 1;
+            }
         }
         let pending = meta.pending.len();
         drop(meta);
         drop(_gate);
         drop(_stripes);
         self.after_change(false, pending)?;
-        Ok(todo.len() as u64)
+        Ok(filled)
     }
 
-    /// Ranges `(offset, len)` inside `offset .. offset+len` still read from the base, in
-    /// order, at most `max` of them. A flattener hydrates these.
+    /// Ranges `(offset, len)` inside `offset .. offset+len` still read from the base (in the
+    /// current map or in any snapshot), in order, at most `max` of them. A flattener
+    /// hydrates these.
     pub fn unallocated_ranges(&self, offset: u64, len: u64, max: usize) -> Vec<(u64, u64)> {
         let m = self.meta.lock();
-        let end = (offset.saturating_add(len)).min(m.size).min(m.base_len);
-        let end_block = end.div_ceil(BLOCK);
+        let end = (offset.saturating_add(len)).min(m.base_len);
         let mut out: Vec<(u64, u64)> = Vec::new();
-        let mut l = offset / BLOCK;
+        let mut pos = offset;
         while out.len() < max {
-            let Some(s) = m.current.next_base(l, end_block) else {
+            let Some(r) = m.next_base_range(pos, end, u64::MAX) else {
                 break;
             };
-            let mut e = s + 1;
-            while e < end_block && m.current.get(e) == Entry::Base {
-                e += 1;
-            }
-            let so = (s * BLOCK).max(offset);
-            let eo = (e * BLOCK).min(end);
-            out.push((so, eo - so));
-            l = e;
+            out.push(r);
+            pos = r.0 + r.1;
         }
         out
     }
 
-    /// Whether no block reads from the base any more (the volume can drop its base).
+    /// The first range at or after `offset` that still reads from the base (in the current
+    /// map or any snapshot), at most `max_len` bytes long (whole blocks, or up to the end of
+    /// the base). Costs O(`max_len`) however long the unallocated run is.
+    pub fn next_unallocated(&self, offset: u64, max_len: u64) -> Option<(u64, u64)> {
+        let m = self.meta.lock();
+        let end = m.base_len;
+        m.next_base_range(offset, end, max_len.max(BLOCK))
+    }
+
+    /// Whether no block reads from the base any more, in the current map or any snapshot
+    /// (the volume can drop its base).
     pub fn is_fully_allocated(&self) -> bool {
-        self.unallocated_ranges(0, u64::MAX, 1).is_empty()
+        self.next_unallocated(0, BLOCK).is_none()
     }
 
     /// Make every write that returned before this call durable. Also releases overlay blocks
@@ -1188,6 +1198,13 @@ impl Overlay {
             self.checkpoint(&mut fl)?;
         }
         Ok(())
+    }
+
+    /// Flush, then write a checkpoint: every change so far is durable when it returns,
+    /// including the snapshots' fills by [`Overlay::hydrate`], which are not journaled.
+    pub fn sync_all(&self) -> Result<()> {
+        self.flush()?;
+        self.checkpoint(&mut self.flush.lock())
     }
 
     /// Invariant 2: apply decrements durable up to `durable_seq` and free blocks, punching
@@ -1401,6 +1418,71 @@ impl Overlay {
         dst.checkpoint(&mut dst.flush.lock())?;
         Ok(dst)
     }
+}
+
+/// Where the bytes `offset .. offset+len` (inside the map's volume) live according to `map`
+/// over a base of `base_len` bytes, in order, adjacent pieces of the same kind merged.
+fn map_range(map: &BlockMap, base_len: u64, offset: u64, len: u64) -> Vec<Mapping> {
+    let mut out: Vec<Mapping> = Vec::new();
+    let end = offset + len;
+    let mut pos = offset;
+    let mut push = |m: Mapping| {
+        if let Some(last) = out.last_mut() {
+            match (last, m) {
+                (Mapping::Zero { len, .. }, Mapping::Zero { len: n, .. })
+                | (Mapping::Base { len, .. }, Mapping::Base { len: n, .. }) => {
+                    *len += n;
+                    return;
+                }
+                (
+                    Mapping::Overlay { phys_off, len, .. },
+                    Mapping::Overlay {
+                        phys_off: p2,
+                        len: n,
+                        ..
+                    },
+                ) if *phys_off + *len == p2 => {
+                    *len += n;
+                    return;
+                }
+                _ => {}
+            }
+        }
+        out.push(m);
+    };
+    while pos < end {
+        let l = pos / BLOCK;
+        let within = pos % BLOCK;
+        let n = (BLOCK - within).min(end - pos);
+        match map.get(l) {
+            Entry::Data(p) => push(Mapping::Overlay {
+                offset: pos,
+                phys_off: p as u64 * BLOCK + within,
+                len: n,
+            }),
+            Entry::Zero => push(Mapping::Zero {
+                offset: pos,
+                len: n,
+            }),
+            Entry::Base => {
+                let from_base = base_len.saturating_sub(pos).min(n);
+                if from_base > 0 {
+                    push(Mapping::Base {
+                        offset: pos,
+                        len: from_base,
+                    });
+                }
+                if from_base < n {
+                    push(Mapping::Zero {
+                        offset: pos + from_base,
+                        len: n - from_base,
+                    });
+                }
+            }
+        }
+        pos += n;
+    }
+    out
 }
 
 /// The valid superblock slot with the highest generation.

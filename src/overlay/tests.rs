@@ -280,6 +280,76 @@ fn hydrate_never_overwrites_guest_data() {
     assert!(ov.is_fully_allocated());
 }
 
+/// A base that must never be read.
+struct NoBaseRead;
+impl BaseRead for NoBaseRead {
+    fn read_base(&self, offset: u64, _: &mut [u8]) -> io::Result<()> {
+        panic!("read the base at {offset} after a full hydrate")
+    }
+}
+
+fn read_no_base(ov: &Overlay, off: usize, len: usize) -> Vec<u8> {
+    let mut b = vec![0u8; len];
+    ov.read(off as u64, &mut b, &NoBaseRead).unwrap();
+    b
+}
+
+#[test]
+fn hydrate_fills_snapshots_that_still_read_the_base() {
+    let (_s, ov, base) = new_overlay(4);
+    ov.write(B as u64, &[1u8; B], false, &base).unwrap();
+    ov.snapshot("s").unwrap();
+    ov.write(0, &[2u8; B], false, &base).unwrap();
+    // Current: guest 0, guest 1, base 2-3; snapshot: base 0, guest 1, base 2-3.
+    assert_eq!(
+        ov.unallocated_ranges(0, u64::MAX, 10),
+        vec![(0, BLOCK), (2 * BLOCK, 2 * BLOCK)]
+    );
+
+    let n = ov.hydrate(0, &base[..4 * B]).unwrap();
+
+    assert_eq!(n, 3);
+    assert!(ov.is_fully_allocated());
+    // Blocks 2 and 3 are shared by both maps; block 0 of the snapshot has its own.
+    assert_eq!(ov.allocated_bytes(), 5 * BLOCK);
+    ov.revert("s").unwrap();
+    assert_eq!(read_no_base(&ov, 0, B), base[..B]);
+    assert_eq!(read_no_base(&ov, B, B), vec![1u8; B]);
+    assert_eq!(read_no_base(&ov, 2 * B, 2 * B), base[2 * B..4 * B]);
+}
+
+#[test]
+fn snapshot_fills_survive_reopen_after_sync_all() {
+    let (s, ov, base) = new_overlay(4);
+    ov.snapshot("s").unwrap();
+    ov.write(0, &[3u8; 4 * B], false, &base).unwrap();
+    ov.hydrate(0, &base[..4 * B]).unwrap();
+
+    ov.sync_all().unwrap();
+    drop(ov);
+    let ov = Overlay::open(Arc::new(s)).unwrap();
+
+    assert!(ov.is_fully_allocated());
+    let c = ov.clone_snapshot("s", Arc::new(SimStorage::new())).unwrap();
+    assert_eq!(read_no_base(&c, 0, 4 * B), base[..4 * B]);
+}
+
+#[test]
+fn unallocated_range_is_capped_and_skips_allocated_runs() {
+    let (_s, ov, base) = new_overlay(2048);
+    ov.write(0, &vec![1u8; 1000 * B], false, &base).unwrap();
+
+    let r = ov.next_unallocated(0, 16 * BLOCK);
+    let rest = ov.unallocated_ranges(0, u64::MAX, 10);
+
+    assert_eq!(r, Some((1000 * BLOCK, 16 * BLOCK)));
+    assert_eq!(rest, vec![(1000 * BLOCK, 1048 * BLOCK)]);
+    assert_eq!(
+        ov.next_unallocated(1040 * BLOCK + 100, BLOCK),
+        Some((1040 * BLOCK + 100, BLOCK - 100))
+    );
+}
+
 #[test]
 fn hydrate_rejects_unaligned_ranges() {
     let (_s, ov, base) = new_overlay(4);
@@ -442,4 +512,77 @@ proptest! {
             prop_assert_eq!(&read(&ov, &base, 0, 8 * B), &model, "after op {} {:?}", i, o);
         }
     }
+}
+
+#[test]
+fn snapshot_view_stays_right_while_the_volume_changes_and_the_snapshot_goes() {
+    const BLOCKS: usize = 64;
+    let (_s, ov, base) = new_overlay(BLOCKS);
+    let ov = Arc::new(ov);
+    ov.write(0, &[1u8; 8 * B], false, &base).unwrap();
+    ov.write(10 * BLOCK + 100, &[2u8; 5000], false, &base)
+        .unwrap();
+    ov.trim(20 * BLOCK, 4 * BLOCK, false, &base).unwrap();
+    ov.hydrate(30 * BLOCK, &base[30 * B..32 * B]).unwrap();
+    ov.snapshot("s1").unwrap();
+    let want = read(&ov, &base, 0, BLOCKS * B);
+    let view = ov.snapshot_view("s1").unwrap();
+    let done = std::sync::atomic::AtomicBool::new(false);
+
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let mut rng = SimRng::new(11);
+            // Make s1's blocks its own, then drop s1: unpinned, they would be freed here...
+            ov.write(0, &[3u8; 8 * B], false, &base).unwrap();
+            ov.write(10 * BLOCK, &[4u8; 2 * B], false, &base).unwrap();
+            ov.snapshot("s2").unwrap();
+            ov.delete_snapshot("s1").unwrap();
+            ov.flush().unwrap();
+            // ...and reused by these writes.
+            for i in 0..300u64 {
+                let off = rng.below((BLOCKS * B) as u64 - 3 * BLOCK);
+                let len = 1 + rng.below(3 * BLOCK) as usize;
+                let byte = 5 + (i % 200) as u8;
+                match i % 12 {
+                    0 => ov.trim(off, len as u64, false, &base).unwrap(),
+                    1 => ov.flush().unwrap(),
+                    2 => {
+                        let b = rng.below(BLOCKS as u64) as usize;
+                        ov.hydrate(b as u64 * BLOCK, &base[b * B..(b + 1) * B])
+                            .unwrap();
+                    }
+                    _ => ov.write(off, &vec![byte; len], i % 7 == 0, &base).unwrap(),
+                }
+                if i == 150 {
+                    ov.snapshot("s3").unwrap();
+                    ov.delete_snapshot("s2").unwrap();
+                }
+            }
+            ov.flush().unwrap();
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+        let mut rng = SimRng::new(12);
+        let mut reads = 0;
+        while !done.load(std::sync::atomic::Ordering::SeqCst) || reads < 200 {
+            let off = rng.below((BLOCKS * B) as u64) as usize;
+            let len = 1 + rng.below((4 * B).min(BLOCKS * B - off) as u64) as usize;
+            let mut got = vec![0u8; len];
+            view.read(off as u64, &mut got, &base).unwrap();
+            assert!(got == want[off..off + len], "view read {off}+{len} changed");
+            reads += 1;
+        }
+    });
+    let mut all = vec![0u8; BLOCKS * B];
+    view.read(0, &mut all, &base).unwrap();
+    let pinned = ov.allocated_bytes();
+    drop(view);
+    ov.flush().unwrap();
+
+    assert!(all == want, "the view's content changed");
+    assert_eq!(ov.list_snapshots()[0].name, "s3");
+    assert!(
+        ov.allocated_bytes() < pinned,
+        "s1's blocks are released once the view is gone ({} of {pinned})",
+        ov.allocated_bytes()
+    );
 }

@@ -1,4 +1,6 @@
-//! [`OverlayVolume`]: an overlay over its base image, served as a block device.
+//! [`OverlayVolume`]: an overlay over its base image, served as a block device;
+//! [`SnapshotVolume`]: one snapshot of it, read-only, read in place through a
+//! [`SnapshotView`].
 //!
 //! Reads go through [`Overlay::map`]: overlay pieces are read inline with
 //! `preadv2(RWF_NOWAIT)` when cached (the hot path of written data), base pieces through the
@@ -10,7 +12,7 @@ use std::sync::Arc;
 
 use futures::future::BoxFuture;
 
-use super::{BaseRead, Mapping, Overlay};
+use super::{BaseRead, Mapping, Overlay, SnapshotView};
 use crate::device::{BlockDevice, Extent, ExtentKind, Residency, WritableDevice};
 
 /// A volume: an [`Overlay`] over a base device of at least `overlay.base_len()` bytes.
@@ -284,6 +286,137 @@ impl WritableDevice for OverlayVolume {
             .await
             .map_err(join_err)?
         })
+    }
+}
+
+/// A snapshot served read-only over the volume's base: its blocks are read in place from the
+/// overlay (no copy), pinned while this device lives.
+pub struct SnapshotVolume {
+    view: Arc<SnapshotView>,
+    base: Arc<dyn BlockDevice>,
+}
+
+impl SnapshotVolume {
+    /// Serve `view` over `base` (the volume's base device, at least `view.base_len()` bytes).
+    pub fn new(view: SnapshotView, base: Arc<dyn BlockDevice>) -> Self {
+        SnapshotVolume {
+            view: Arc::new(view),
+            base,
+        }
+    }
+
+    pub fn view(&self) -> &SnapshotView {
+        &self.view
+    }
+
+    fn read_nowait_inner(&self, offset: u64, buf: &mut [u8]) -> Option<io::Result<()>> {
+        let mappings = match self.view.map(offset, buf.len() as u64) {
+            Ok(m) => m,
+            Err(e) => return Some(Err(e.into())),
+        };
+        for m in mappings {
+            let s = (m.offset() - offset) as usize;
+            let dst = &mut buf[s..s + m.len() as usize];
+            let r = match m {
+                Mapping::Overlay { phys_off, .. } => {
+                    self.view.read_overlay_nowait(phys_off, dst)?
+                }
+                Mapping::Zero { .. } => {
+                    dst.fill(0);
+                    Ok(())
+                }
+                Mapping::Base { offset, .. } => self.base.try_read_nowait(offset, dst)?,
+            };
+            if r.is_err() {
+                return Some(r);
+            }
+        }
+        Some(Ok(()))
+    }
+}
+
+impl BlockDevice for SnapshotVolume {
+    fn size(&self) -> u64 {
+        self.view.size()
+    }
+
+    fn try_read_nowait(&self, offset: u64, buf: &mut [u8]) -> Option<io::Result<()>> {
+        self.read_nowait_inner(offset, buf)
+    }
+
+    fn read<'a>(&'a self, offset: u64, buf: &'a mut [u8]) -> BoxFuture<'a, io::Result<()>> {
+        Box::pin(async move {
+            if let Some(r) = self.read_nowait_inner(offset, buf) {
+                return r;
+            }
+            let mappings = self.view.map(offset, buf.len() as u64)?;
+            // Overlay pieces on the blocking pool, base pieces through the base device.
+            let view = self.view.clone();
+            let len = buf.len();
+            let (tmp, base_pieces) = tokio::task::spawn_blocking(move || {
+                let mut tmp = vec![0u8; len];
+                let mut base_pieces = Vec::new();
+                for m in mappings {
+                    let s = (m.offset() - offset) as usize;
+                    let dst = &mut tmp[s..s + m.len() as usize];
+                    match m {
+                        Mapping::Overlay { phys_off, .. } => view.read_overlay(phys_off, dst)?,
+                        Mapping::Zero { .. } => {}
+                        Mapping::Base { offset, len } => base_pieces.push((offset, len)),
+                    }
+                }
+                Ok::<_, io::Error>((tmp, base_pieces))
+            })
+            .await
+            .map_err(join_err)??;
+            buf.copy_from_slice(&tmp);
+            for (off, len) in base_pieces {
+                let s = (off - offset) as usize;
+                self.base.read(off, &mut buf[s..s + len as usize]).await?;
+            }
+            Ok(())
+        })
+    }
+
+    fn extents(&self, offset: u64, len: u64, max_extents: usize) -> Vec<Extent> {
+        let Ok(mappings) = self.view.map(offset, len) else {
+            return Vec::new();
+        };
+        let mut out: Vec<Extent> = Vec::new();
+        for m in mappings {
+            if out.len() >= max_extents {
+                break;
+            }
+            let pieces = match m {
+                Mapping::Overlay { offset, len, .. } => vec![Extent {
+                    offset,
+                    len,
+                    kind: ExtentKind::Data,
+                    residency: Residency::Overlay,
+                }],
+                Mapping::Zero { offset, len } => vec![Extent {
+                    offset,
+                    len,
+                    kind: ExtentKind::Hole,
+                    residency: Residency::Overlay,
+                }],
+                Mapping::Base { offset, len } => self.base.extents(offset, len, max_extents),
+            };
+            for e in pieces {
+                match out.last_mut() {
+                    Some(last)
+                        if last.kind == e.kind
+                            && last.residency == e.residency
+                            && last.offset + last.len == e.offset =>
+                    {
+                        last.len += e.len
+                    }
+                    _ => out.push(e),
+                }
+            }
+        }
+        out.truncate(max_extents);
+        out
     }
 }
 

@@ -5,3 +5,4 @@
 pub mod conformance;
 pub mod moto;
 pub mod range_server;
+pub mod web;
