@@ -226,6 +226,8 @@ pub const FILE_MEMORY_SEGMENT: u64 = 1 << 30;
 pub struct FileMemory {
     fd: RawFd,
     segments: parking_lot::Mutex<Vec<Option<std::ptr::NonNull<u8>>>>,
+    /// The file is known to be at least this long (it never shrinks while mapped).
+    known_len: std::sync::atomic::AtomicU64,
 }
 
 // SAFETY: the segments are shared mappings owned by this value; the raw pointers are only
@@ -241,13 +243,49 @@ impl FileMemory {
         FileMemory {
             fd: file.as_raw_fd(),
             segments: parking_lot::Mutex::new(Vec::new()),
+            known_len: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
-    /// Allocate the file's blocks at `offset .. offset+len` (growing the file if needed),
-    /// so that stores to their memory cannot fault for lack of space. `ENOSPC` when the
-    /// file system is full. Cheap for blocks already allocated.
+    /// Allocate the file's blocks at `offset .. offset+len` (growing the file if needed)
+    /// and map them, so that stores to that memory can neither fault for lack of space nor
+    /// fault at all: `MADV_POPULATE_WRITE` does it in one call (a full file system is an
+    /// error, never a `SIGBUS`); kernels without it get `fallocate` and fault page by page
+    /// later. `ENOSPC` (or `ENOMEM`/`EFAULT`) when the file system is full. Cheap for blocks
+    /// already allocated and mapped. Same range rules as [`FileMemory::map`].
     pub fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        const MADV_POPULATE_WRITE: libc::c_int = 23;
+        use std::sync::atomic::Ordering;
+        // The file must cover the range before its pages can be populated.
+        let end = offset + len;
+        if self.known_len.load(Ordering::Acquire) < end {
+            // Under the segment lock, so two growers cannot undo each other (`pwrite`s by
+            // others only ever grow the file).
+            let _segs = self.segments.lock();
+            // SAFETY: fstat into a zeroed struct owned here; the fd is open.
+            let mut st: libc::stat = unsafe { std::mem::zeroed() };
+            // SAFETY: as above.
+            if unsafe { libc::fstat(self.fd, &mut st) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let size = st.st_size as u64;
+            // SAFETY: ftruncate(2) growing an open fd (size < end); no memory is shared.
+            if size < end && unsafe { libc::ftruncate(self.fd, end as libc::off_t) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            self.known_len.fetch_max(end.max(size), Ordering::AcqRel);
+        }
+        let ptr = self.map(offset, len)?;
+        // SAFETY: `ptr .. ptr+len` lies inside a live shared mapping of this file (`map`),
+        // within the file's size; populating only allocates and maps its pages.
+        let r = unsafe { libc::madvise(ptr.as_ptr().cast(), len as usize, MADV_POPULATE_WRITE) };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINVAL) {
+            return Err(e);
+        }
         // SAFETY: fallocate(2) on an open fd with integer arguments; no memory is shared.
         if unsafe { libc::fallocate(self.fd, 0, offset as libc::off_t, len as libc::off_t) } != 0 {
             return Err(io::Error::last_os_error());

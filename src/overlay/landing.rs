@@ -51,6 +51,33 @@ pub struct Landing {
 // commit (module docs), so moving it to another thread shares nothing.
 unsafe impl Send for Landing {}
 
+/// The start of the first run of `n` consecutive blocks among the first [`RUN_SCAN`] of
+/// `blocks` (ascending, or descending when `desc`).
+fn find_run(blocks: impl Iterator<Item = u32>, n: usize, desc: bool) -> Option<u32> {
+    let mut run_start = 0u32;
+    let mut run_len = 0usize;
+    let mut prev: Option<u32> = None;
+    for p in blocks.take(RUN_SCAN) {
+        let next = if desc {
+            p.checked_add(1)
+        } else {
+            p.checked_sub(1)
+        };
+        if prev.is_some() && prev == next {
+            run_len += 1;
+        } else {
+            run_start = p;
+            run_len = 1;
+        }
+        prev = Some(p);
+        if run_len == n {
+            // Descending, the run's first block is the last one seen.
+            return Some(if desc { p } else { run_start });
+        }
+    }
+    None
+}
+
 impl Meta {
     /// How far the data file may grow for landings: twice the blocks in use (at least
     /// [`GROW_MIN_BLOCKS`] more than them). The free blocks below are mostly punched holes
@@ -61,8 +88,8 @@ impl Meta {
             .min(MAX_PHYS as u64)
     }
 
-    /// Reserve `n` physical blocks for a landing: a contiguous run among the lowest free
-    /// blocks; else a run at the end of the file, while the file is within
+    /// Reserve `n` physical blocks for a landing: a contiguous run among the highest
+    /// spares or the lowest free blocks; else a run at the end of the file, while the file is within
     /// [`Meta::grow_limit`] (or fewer than `n` blocks are free); else the lowest free
     /// blocks, wherever they are. Also says, per block, whether it is a spare (still
     /// allocated in the file).
@@ -72,23 +99,10 @@ impl Meta {
     /// a sequential overwrite contiguous; once it has moved all of a region, the region it
     /// left is free and contiguous for the next pass.
     fn alloc_landing(&mut self, n: usize) -> Result<(Vec<u32>, Vec<bool>)> {
-        let mut run_start = 0u32;
-        let mut run_len = 0usize;
-        let mut prev: Option<u32> = None;
-        let mut found = None;
-        for &p in self.free.iter().take(RUN_SCAN) {
-            if prev.is_some_and(|q| q + 1 == p) {
-                run_len += 1;
-            } else {
-                run_start = p;
-                run_len = 1;
-            }
-            prev = Some(p);
-            if run_len == n {
-                found = Some(run_start);
-                break;
-            }
-        }
+        // A run among the highest spares (blocks just freed by earlier landings: allocated
+        // and mapped, so nothing to fault), else among the lowest free blocks.
+        let found = find_run(self.spare.iter().rev().copied(), n, true)
+            .or_else(|| find_run(self.free.iter().copied(), n, false));
         let blocks: Vec<u32> = match found {
             Some(start) => {
                 let run: Vec<u32> = (start..start + n as u32).collect();
@@ -153,7 +167,7 @@ impl Overlay {
         // crosses a mapping segment), allocating in the file those that are not spares.
         // On error, dropping the landing frees the blocks.
         let io = |e: std::io::Error| match e.raw_os_error() {
-            Some(libc::ENOSPC) => OverlayError::NoSpace,
+            Some(libc::ENOSPC | libc::ENOMEM | libc::EFAULT) => OverlayError::NoSpace,
             _ => OverlayError::Io {
                 context: "preparing overlay blocks for a write",
                 source: e,

@@ -461,8 +461,8 @@ impl Meta {
     }
 
     /// Take spares to punch out of `spare` (they stay free), so that at most
-    /// [`Meta::spare_max`] remain: runs of at least [`PUNCH_RUN_MIN`] blocks, the highest
-    /// first; single blocks and short runs only when over four times the allowance (one
+    /// [`Meta::spare_max`] remain: runs of at least [`PUNCH_RUN_MIN`] blocks, the lowest
+    /// first (landings reuse the highest); single blocks and short runs only when over four times the allowance (one
     /// hole-punching call per block costs more than the memory is worth, and the
     /// neighbours of a freed block are often freed soon after).
     fn take_punch(&mut self) -> Vec<u32> {
@@ -480,11 +480,11 @@ impl Meta {
             }
             run.clear();
         };
-        for &p in self.spare.iter().rev() {
+        for &p in self.spare.iter() {
             if excess == 0 {
                 break;
             }
-            if run.last().is_some_and(|&q| q != p + 1) {
+            if run.last().is_some_and(|&q| q + 1 != p) {
                 take(&mut run, &mut out, &mut excess);
             }
             run.push(p);
