@@ -11,7 +11,9 @@ use common::{have, run_ok, write_image, Daemon, Rng};
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1 << 20;
-const WRITE: u64 = 64 * KIB;
+/// Large enough that payloads usually arrive in pieces and land straight in the overlay's
+/// memory (a landing) rather than through the input buffer.
+const WRITE: u64 = 256 * KIB;
 const PER_ROUND: u64 = 48;
 
 fn pattern(round: u64, i: u64) -> u8 {
@@ -48,7 +50,7 @@ fn round(d: &mut Daemon, r: u64, delay: Duration) -> Vec<(u64, u8)> {
     // flush succeeded, which qemu-io shows by going on to the next write.
     let done: Vec<u64> = text
         .lines()
-        .filter_map(|l| l.strip_prefix("wrote 65536/65536 bytes at offset "))
+        .filter_map(|l| l.strip_prefix(&format!("wrote {WRITE}/{WRITE} bytes at offset ")))
         .map(|o| o.trim().parse().unwrap())
         .collect();
     let mut acked = Vec::new();
