@@ -274,7 +274,8 @@ impl Landing {
             }
             (
                 meta.pending.len(),
-                meta.deferred.len() >= RELEASE_AFTER_BLOCKS,
+                // Only when the release can happen (no snapshot view or clone pins it).
+                meta.pins == 0 && meta.deferred.len() >= RELEASE_AFTER_BLOCKS,
             )
         };
         let (pending, release_due) = pending;
