@@ -115,77 +115,23 @@ impl BlockDevice for OverlayVolume {
             let (tmp, base_pieces) = tokio::task::spawn_blocking(move || {
                 let mut tmp = vec![0u8; len];
                 let plan = ov.map(offset, len as u64)?;
-                let mut base_pieces = Vec::new();
-                for m in plan.mappings() {
-                    let s = (m.offset() - offset) as usize;
-                    let dst = &mut tmp[s..s + m.len() as usize];
-                    match *m {
-                        Mapping::Overlay { phys_off, .. } => plan.read_overlay(phys_off, dst)?,
-                        Mapping::Zero { .. } => {}
-                        Mapping::Base { offset, len } => base_pieces.push((offset, len)),
-                    }
-                }
+                let base_pieces =
+                    fill_overlay_pieces(plan.mappings(), offset, &mut tmp, |p, d| {
+                        plan.read_overlay(p, d)
+                    })?;
                 Ok::<_, io::Error>((tmp, base_pieces))
             })
             .await
             .map_err(join_err)??;
-            buf.copy_from_slice(&tmp);
-            for (off, len) in base_pieces {
-                let s = (off - offset) as usize;
-                self.base.read(off, &mut buf[s..s + len as usize]).await?;
-            }
-            Ok(())
+            finish_from_base(&*self.base, offset, buf, &tmp, base_pieces).await
         })
     }
 
     fn extents(&self, offset: u64, len: u64, max_extents: usize) -> Vec<Extent> {
-        let mappings = match self.overlay.map(offset, len) {
-            Ok(p) => p.mappings().to_vec(),
-            Err(_) => return Vec::new(),
-        };
-        let mut out: Vec<Extent> = Vec::new();
-        let push = |e: Extent, out: &mut Vec<Extent>| {
-            if let Some(last) = out.last_mut() {
-                if last.kind == e.kind
-                    && last.residency == e.residency
-                    && last.offset + last.len == e.offset
-                {
-                    last.len += e.len;
-                    return;
-                }
-            }
-            out.push(e);
-        };
-        for m in mappings {
-            if out.len() >= max_extents {
-                break;
-            }
-            match m {
-                Mapping::Overlay { offset, len, .. } | Mapping::Zero { offset, len } => {
-                    let kind = if matches!(m, Mapping::Zero { .. }) {
-                        ExtentKind::Hole
-                    } else {
-                        ExtentKind::Data
-                    };
-                    push(
-                        Extent {
-                            offset,
-                            len,
-                            kind,
-                            residency: Residency::Overlay,
-                        },
-                        &mut out,
-                    )
-                }
-                Mapping::Base { offset, len } => {
-                    for e in self.base.extents(offset, len, max_extents) {
-                        push(e, &mut out);
-                    }
-                }
-            }
+        match self.overlay.map(offset, len) {
+            Ok(p) => extents_of(p.mappings(), &*self.base, max_extents),
+            Err(_) => Vec::new(),
         }
-        out.truncate(max_extents);
-        out
     }
 
     fn cache<'a>(&'a self, offset: u64, len: u64) -> BoxFuture<'a, io::Result<()>> {
@@ -355,69 +301,102 @@ impl BlockDevice for SnapshotVolume {
             let len = buf.len();
             let (tmp, base_pieces) = tokio::task::spawn_blocking(move || {
                 let mut tmp = vec![0u8; len];
-                let mut base_pieces = Vec::new();
-                for m in mappings {
-                    let s = (m.offset() - offset) as usize;
-                    let dst = &mut tmp[s..s + m.len() as usize];
-                    match m {
-                        Mapping::Overlay { phys_off, .. } => view.read_overlay(phys_off, dst)?,
-                        Mapping::Zero { .. } => {}
-                        Mapping::Base { offset, len } => base_pieces.push((offset, len)),
-                    }
-                }
+                let base_pieces = fill_overlay_pieces(&mappings, offset, &mut tmp, |p, d| {
+                    view.read_overlay(p, d)
+                })?;
                 Ok::<_, io::Error>((tmp, base_pieces))
             })
             .await
             .map_err(join_err)??;
-            buf.copy_from_slice(&tmp);
-            for (off, len) in base_pieces {
-                let s = (off - offset) as usize;
-                self.base.read(off, &mut buf[s..s + len as usize]).await?;
-            }
-            Ok(())
+            finish_from_base(&*self.base, offset, buf, &tmp, base_pieces).await
         })
     }
 
     fn extents(&self, offset: u64, len: u64, max_extents: usize) -> Vec<Extent> {
-        let Ok(mappings) = self.view.map(offset, len) else {
-            return Vec::new();
+        match self.view.map(offset, len) {
+            Ok(mappings) => extents_of(&mappings, &*self.base, max_extents),
+            Err(_) => Vec::new(),
+        }
+    }
+}
+
+/// Read the overlay pieces of `mappings` (which cover `offset ..` of `tmp`) with
+/// `read_overlay(phys_off, dst)`; zero pieces stay as they are. Returns the base pieces
+/// (offset, length) left to read.
+fn fill_overlay_pieces(
+    mappings: &[Mapping],
+    offset: u64,
+    tmp: &mut [u8],
+    read_overlay: impl Fn(u64, &mut [u8]) -> io::Result<()>,
+) -> io::Result<Vec<(u64, u64)>> {
+    let mut base_pieces = Vec::new();
+    for m in mappings {
+        let s = (m.offset() - offset) as usize;
+        let dst = &mut tmp[s..s + m.len() as usize];
+        match *m {
+            Mapping::Overlay { phys_off, .. } => read_overlay(phys_off, dst)?,
+            Mapping::Zero { .. } => dst.fill(0),
+            Mapping::Base { offset, len } => base_pieces.push((offset, len)),
+        }
+    }
+    Ok(base_pieces)
+}
+
+/// Copy `tmp` (the overlay's part of a read at `offset`) into `buf`, then read the base
+/// pieces into it through `base`.
+async fn finish_from_base(
+    base: &dyn BlockDevice,
+    offset: u64,
+    buf: &mut [u8],
+    tmp: &[u8],
+    base_pieces: Vec<(u64, u64)>,
+) -> io::Result<()> {
+    buf.copy_from_slice(tmp);
+    for (off, len) in base_pieces {
+        let s = (off - offset) as usize;
+        base.read(off, &mut buf[s..s + len as usize]).await?;
+    }
+    Ok(())
+}
+
+/// Extents of `mappings`: overlay and zero pieces as they are (residency overlay), base
+/// pieces as `base` reports them; adjacent alike extents merged; at most `max`.
+fn extents_of(mappings: &[Mapping], base: &dyn BlockDevice, max: usize) -> Vec<Extent> {
+    let mut out: Vec<Extent> = Vec::new();
+    for m in mappings {
+        if out.len() >= max {
+            break;
+        }
+        let pieces = match *m {
+            Mapping::Overlay { offset, len, .. } => vec![Extent {
+                offset,
+                len,
+                kind: ExtentKind::Data,
+                residency: Residency::Overlay,
+            }],
+            Mapping::Zero { offset, len } => vec![Extent {
+                offset,
+                len,
+                kind: ExtentKind::Hole,
+                residency: Residency::Overlay,
+            }],
+            Mapping::Base { offset, len } => base.extents(offset, len, max),
         };
-        let mut out: Vec<Extent> = Vec::new();
-        for m in mappings {
-            if out.len() >= max_extents {
-                break;
-            }
-            let pieces = match m {
-                Mapping::Overlay { offset, len, .. } => vec![Extent {
-                    offset,
-                    len,
-                    kind: ExtentKind::Data,
-                    residency: Residency::Overlay,
-                }],
-                Mapping::Zero { offset, len } => vec![Extent {
-                    offset,
-                    len,
-                    kind: ExtentKind::Hole,
-                    residency: Residency::Overlay,
-                }],
-                Mapping::Base { offset, len } => self.base.extents(offset, len, max_extents),
-            };
-            for e in pieces {
-                match out.last_mut() {
-                    Some(last)
-                        if last.kind == e.kind
-                            && last.residency == e.residency
-                            && last.offset + last.len == e.offset =>
-                    {
-                        last.len += e.len
-                    }
-                    _ => out.push(e),
+        for e in pieces {
+            match out.last_mut() {
+                Some(last)
+                    if last.kind == e.kind
+                        && last.residency == e.residency
+                        && last.offset + last.len == e.offset =>
+                {
+                    last.len += e.len
                 }
+                _ => out.push(e),
             }
         }
-        out.truncate(max_extents);
-        out
     }
+    out.truncate(max);
+    out
 }
 
 /// A read-only in-memory base device, for tests and benchmarks.
