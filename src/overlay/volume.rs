@@ -75,22 +75,9 @@ impl OverlayVolume {
             Ok(p) => p,
             Err(e) => return Some(Err(e.into())),
         };
-        for m in plan.mappings() {
-            let s = (m.offset() - offset) as usize;
-            let dst = &mut buf[s..s + m.len() as usize];
-            let r = match *m {
-                Mapping::Overlay { phys_off, .. } => plan.read_overlay_nowait(phys_off, dst)?,
-                Mapping::Zero { .. } => {
-                    dst.fill(0);
-                    Ok(())
-                }
-                Mapping::Base { offset, .. } => self.base.try_read_nowait(offset, dst)?,
-            };
-            if r.is_err() {
-                return Some(r);
-            }
-        }
-        Some(Ok(()))
+        read_nowait_pieces(plan.mappings(), offset, buf, &*self.base, |p, d| {
+            plan.read_overlay_nowait(p, d)
+        })
     }
 }
 
@@ -260,24 +247,9 @@ impl SnapshotVolume {
             Ok(m) => m,
             Err(e) => return Some(Err(e.into())),
         };
-        for m in mappings {
-            let s = (m.offset() - offset) as usize;
-            let dst = &mut buf[s..s + m.len() as usize];
-            let r = match m {
-                Mapping::Overlay { phys_off, .. } => {
-                    self.view.read_overlay_nowait(phys_off, dst)?
-                }
-                Mapping::Zero { .. } => {
-                    dst.fill(0);
-                    Ok(())
-                }
-                Mapping::Base { offset, .. } => self.base.try_read_nowait(offset, dst)?,
-            };
-            if r.is_err() {
-                return Some(r);
-            }
-        }
-        Some(Ok(()))
+        read_nowait_pieces(&mappings, offset, buf, &*self.base, |p, d| {
+            self.view.read_overlay_nowait(p, d)
+        })
     }
 }
 
@@ -318,6 +290,34 @@ impl BlockDevice for SnapshotVolume {
             Err(_) => Vec::new(),
         }
     }
+}
+
+/// Fill `buf` (at `offset`) from `mappings` without blocking: overlay pieces with
+/// `read_overlay_nowait(phys_off, dst)`, base pieces with `base.try_read_nowait`. `None` as
+/// soon as a piece would block.
+fn read_nowait_pieces(
+    mappings: &[Mapping],
+    offset: u64,
+    buf: &mut [u8],
+    base: &dyn BlockDevice,
+    read_overlay_nowait: impl Fn(u64, &mut [u8]) -> Option<io::Result<()>>,
+) -> Option<io::Result<()>> {
+    for m in mappings {
+        let s = (m.offset() - offset) as usize;
+        let dst = &mut buf[s..s + m.len() as usize];
+        let r = match *m {
+            Mapping::Overlay { phys_off, .. } => read_overlay_nowait(phys_off, dst)?,
+            Mapping::Zero { .. } => {
+                dst.fill(0);
+                Ok(())
+            }
+            Mapping::Base { offset, .. } => base.try_read_nowait(offset, dst)?,
+        };
+        if r.is_err() {
+            return Some(r);
+        }
+    }
+    Some(Ok(()))
 }
 
 /// Read the overlay pieces of `mappings` (which cover `offset ..` of `tmp`) with

@@ -1,7 +1,9 @@
 //! One NBD connection: handshake, then the transmission loop.
 //!
 //! A connection is one tokio task that owns both halves of the socket ([`Conn`]). Requests
-//! are read through a large input buffer and handled as many at a time as are buffered.
+//! are read through a large input buffer and handled as many at a time as are buffered;
+//! a WRITE payload of [`BIG_WRITE`] bytes or more that is not all buffered yet is read
+//! outside it, into the device's memory ([`Landing`]) or a buffer of its own ([`BigWrite`]).
 //! A READ is first tried inline with [`BlockDevice::try_read_nowait`], straight into the
 //! output buffer; only when that would block is the async [`BlockDevice::read`] queued in a
 //! `FuturesUnordered` polled by the same task. Replies are appended to one output buffer and
@@ -74,11 +76,6 @@ pub(super) async fn wait_shutdown(mut shutdown: watch::Receiver<bool>) {
     }
 }
 
-/// Serve one client on `rd`/`wr` until it disconnects, misbehaves or `shutdown` fires.
-///
-/// `spin`, when given, is the socket's fd and a duration: after answering a small batch,
-/// the connection polls the fd that long before sleeping, which saves a sleep and wake-up
-/// per batch for a client in a tight request loop. The fd must stay open while `rd` lives.
 /// The read side of a connection: a stream that can also read into several buffers with
 /// one call (a large WRITE's payload lands in scattered device memory this way).
 pub trait ReadStream: AsyncRead + Unpin + Send {
@@ -112,6 +109,11 @@ macro_rules! read_stream_for_tokio_half {
 read_stream_for_tokio_half!(tokio::net::unix::OwnedReadHalf);
 read_stream_for_tokio_half!(tokio::net::tcp::OwnedReadHalf);
 
+/// Serve one client on `rd`/`wr` until it disconnects, misbehaves or `shutdown` fires.
+///
+/// `spin`, when given, is the socket's fd and a duration: after answering a small batch,
+/// the connection polls the fd that long before sleeping, which saves a sleep and wake-up
+/// per batch for a client in a tight request loop. The fd must stay open while `rd` lives.
 pub(super) async fn serve<R, W>(
     registry: &dyn ExportRegistry,
     rd: R,
