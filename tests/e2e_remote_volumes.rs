@@ -86,6 +86,25 @@ fn s3_config(moto: &Moto, bucket: &str) -> String {
 const CACHE_CONFIG: &str = "[cache]\nreadahead-chunks = 0\n";
 
 /// The base image's bytes: 8 MiB + 12 KiB (not a whole number of chunks) with a zero region.
+/// Push local image `seed` to the `s3` store, expunge the local copy, and register the
+/// pushed manifest as image `name`, which then lives only in S3.
+fn move_to_s3(d: &Daemon, seed: &str, name: &str) {
+    d.cli_ok(&["image", "push", seed, "--store", "s3"]);
+    let manifest = d.show(seed)["manifest_key"].as_str().unwrap().to_string();
+    d.cli_ok(&["image", "delete", seed]);
+    d.cli_ok(&["image", "expunge", seed]);
+    d.cli_ok(&[
+        "image",
+        "add",
+        name,
+        "--store",
+        "s3",
+        "--manifest",
+        &manifest,
+    ]);
+    manifest
+}
+
 fn base_bytes(path: &Path) -> Vec<u8> {
     write_image(path, 8 * MIB + 12 * 1024, &[(2 * MIB, MIB)], 21);
     std::fs::read(path).unwrap()
@@ -221,19 +240,7 @@ fn flattened_volume_of_an_s3_image_reads_right_with_moto_gone() {
         "--chunk-size",
         "256K",
     ]);
-    d.cli_ok(&["image", "push", "seed", "--store", "s3"]);
-    let manifest = d.show("seed")["manifest_key"].as_str().unwrap().to_string();
-    d.cli_ok(&["image", "delete", "seed"]);
-    d.cli_ok(&["image", "expunge", "seed"]);
-    d.cli_ok(&[
-        "image",
-        "add",
-        "base",
-        "--store",
-        "s3",
-        "--manifest",
-        &manifest,
-    ]);
+    move_to_s3(&d, "seed", "base");
 
     flatten_then_lose_the_store(&mut d, &base, "s3", || drop(moto.take()));
 }
@@ -312,19 +319,7 @@ fn image_from_a_volume_of_an_s3_image_is_made_in_s3_sharing_the_base_chunks() {
     let f = d.dir.path().join("disk.raw");
     write_image(&f, 8 * MIB, &[(2 * MIB, MIB)], 31);
     d.cli_ok(&["image", "add", "seed", "--file", f.to_str().unwrap()]);
-    d.cli_ok(&["image", "push", "seed", "--store", "s3"]);
-    let base_manifest = d.show("seed")["manifest_key"].as_str().unwrap().to_string();
-    d.cli_ok(&["image", "delete", "seed"]);
-    d.cli_ok(&["image", "expunge", "seed"]);
-    d.cli_ok(&[
-        "image",
-        "add",
-        "base",
-        "--store",
-        "s3",
-        "--manifest",
-        &base_manifest,
-    ]);
+    move_to_s3(&d, "seed", "base");
     let base_chunks = bucket.keys("chunks/").len();
     assert_eq!(base_chunks, 7);
     d.cli_ok(&["volume", "create", "v", "--image", "base"]);
