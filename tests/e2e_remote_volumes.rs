@@ -102,7 +102,6 @@ fn move_to_s3(d: &Daemon, seed: &str, name: &str) {
         "--manifest",
         &manifest,
     ]);
-    manifest
 }
 
 fn base_bytes(path: &Path) -> Vec<u8> {
